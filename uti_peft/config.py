@@ -1,0 +1,103 @@
+"""`RowExtensionConfig`: the PEFT config of a vocabulary-extension adapter.
+
+The adapter is defined by its token space: rows ``[text_vocab_size, vocab_size)`` of the input
+embedding (and of the lm_head) are new and trained; rows below are the base model's text rows.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+from .token_space import TokenSpace, TokenSpaceError
+
+TOKEN_SPACE_NAME = "token_space.json"
+INIT_STRATEGIES = ("mean_noise", "mean")
+HEAD_ROW_MODES = ("trained", "mean")
+
+
+@dataclass
+class RowExtensionConfig(PeftConfig):
+    """Configuration of a row-extension adapter.
+
+    Args:
+        token_space: The token space (a `TokenSpace`, its dict, or a path to ``token_space.json``). It is
+            stored inside ``adapter_config.json`` with its sha256, so an adapter is self-describing.
+        target_modules: Module names of the input embedding and lm_head. ``None`` (default) finds them
+            with ``get_input_embeddings()`` / ``get_output_embeddings()``, so any causal LM works.
+        init_rows: How new rows start when training from scratch: ``"mean_noise"`` (legacy recipe:
+            mean of the text rows + N(0, 1) * std of the text rows * ``init_noise_factor``) or ``"mean"``.
+        head_rows: ``"trained"`` (default): the lm_head has its own trained rows (or, on a tied model,
+            shares the input rows). ``"mean"``: the adapter carries no head rows; the head's new rows are
+            the mean of its text rows (what converted legacy checkpoints without an ``lm_head`` get).
+        text_vocab_size, vocab_size, pad_token_id, token_space_sha256: derived from the token space;
+            when given (e.g. read back from disk) they must agree with it.
+    """
+
+    token_space: Optional[Union[dict[str, Any], TokenSpace, str, os.PathLike]] = field(
+        default=None, metadata={"help": "The token space (dict, TokenSpace or path to token_space.json)."}
+    )
+    token_space_sha256: Optional[str] = field(default=None, metadata={"help": "sha256 of the token space."})
+    text_vocab_size: Optional[int] = field(default=None, metadata={"help": "Rows kept from the base model."})
+    vocab_size: Optional[int] = field(default=None, metadata={"help": "Total rows after extension."})
+    pad_token_id: Optional[int] = field(default=None, metadata={"help": "Pad id set on the model config."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Input embedding and lm_head module names; None finds them."}
+    )
+    init_rows: str = field(default="mean_noise", metadata={"help": f"One of {INIT_STRATEGIES}."})
+    init_noise_factor: float = field(default=0.02, metadata={"help": "Noise scale for init_rows='mean_noise'."})
+    head_rows: str = field(default="trained", metadata={"help": f"One of {HEAD_ROW_MODES}."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.ROW_EXTENSION
+        if self.task_type is None:
+            self.task_type = "CAUSAL_LM"
+        if self.token_space is None:
+            raise TokenSpaceError("RowExtensionConfig needs a token_space (TokenSpace, dict or path)")
+        space = TokenSpace.coerce(self.token_space)
+        self.token_space = space.to_dict()
+        derived = {
+            "token_space_sha256": space.sha256(),
+            "text_vocab_size": space.text_vocab_size,
+            "vocab_size": space.vocab_size,
+            "pad_token_id": space.pad_token_id,
+        }
+        for name, value in derived.items():
+            stored = getattr(self, name)
+            if stored is not None and stored != value:
+                raise TokenSpaceError(
+                    f"adapter config field {name} is {stored!r} but the token space gives {value!r}"
+                )
+            setattr(self, name, value)
+        if self.init_rows not in INIT_STRATEGIES:
+            raise ValueError(f"init_rows is {self.init_rows!r}; expected one of {INIT_STRATEGIES}")
+        if self.head_rows not in HEAD_ROW_MODES:
+            raise ValueError(f"head_rows is {self.head_rows!r}; expected one of {HEAD_ROW_MODES}")
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+
+    @property
+    def num_new_rows(self) -> int:
+        return self.vocab_size - self.text_vocab_size
+
+    def get_token_space(self) -> TokenSpace:
+        return TokenSpace(self.token_space, source="adapter_config.json token_space")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Load the config and remember where it came from, so that the rows can be checked before the
+        base model is touched (see `RowExtensionModel`)."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        hub_kwargs, _, _ = cls._split_kwargs(kwargs)
+        config.weights_source = (str(pretrained_model_name_or_path), {"subfolder": subfolder, **hub_kwargs})
+        return config
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write ``adapter_config.json`` and, beside it, the token space as ``token_space.json``."""
+        super().save_pretrained(save_directory, **kwargs)
+        self.get_token_space().save(os.path.join(save_directory, TOKEN_SPACE_NAME))

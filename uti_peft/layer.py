@@ -1,0 +1,248 @@
+"""Row-extension tuner layers for the input embedding and the lm_head.
+
+The effective matrix is ``concat(base[:text_vocab_size], new_rows)``. It is built once, in place of the
+base layer's weight (same ``nn.Parameter`` object, new storage), and the trainable ``new_rows``
+parameter is a *view* of its tail. Inference therefore runs the very same full-width operation as a
+merged or legacy-patched model (bit-identical logits, no extra memory), and training sends gradients
+to the new rows only, through operations that never materialise a full-size gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+
+class RowExtensionLayer(nn.Module, BaseTunerLayer):
+    """Common machinery: extend the base weight, keep the new rows attached to its tail, restore it.
+
+    Trained rows live in a ParameterDict named after the layer's role (``row_extension_input_rows`` or
+    ``row_extension_output_rows``), which is what gives them their on-disk names. Rows that are derived
+    rather than trained (an lm_head whose adapter carries no head rows) live in the non-persistent
+    ``row_extension_fixed_rows`` and are neither trained nor saved.
+    """
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names = ("row_extension_fixed_rows", "row_extension_replaced")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, tied_to: Optional["RowExtensionLayer"] = None):
+        super().__init__()
+        self.base_layer = base_layer
+        self._active_adapter = adapter_name
+        self.merged_adapters: list[str] = []
+        # A layer tied to another (lm_head sharing the embedding's matrix) owns nothing: it is kept in a
+        # list so that the owner's rows are not registered (and saved) twice.
+        self._tied_to = [tied_to] if tied_to is not None else []
+        setattr(self, self.adapter_layer_names[0], nn.ParameterDict())
+        self.row_extension_fixed_rows = BufferDict(persistent=False)
+        # Base rows at or beyond text_vocab_size, kept (not saved) so that unload() restores the base exactly.
+        self.row_extension_replaced = BufferDict(persistent=False)
+        self.text_vocab_size: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def tied_to(self) -> Optional["RowExtensionLayer"]:
+        return self._tied_to[0] if self._tied_to else None
+
+    @property
+    def trained_rows(self) -> nn.ParameterDict:
+        return getattr(self, self.adapter_layer_names[0])
+
+    def update_layer(self, adapter_name: str, text_vocab_size: int, rows: torch.Tensor, trainable: bool = True) -> None:
+        """Replace base rows ``[text_vocab_size:]`` by ``rows`` and keep ``rows`` as a view of that tail:
+        a trainable, saved parameter, or (``trainable=False``) a derived buffer."""
+        if self.text_vocab_size:
+            raise ValueError(
+                f"{type(self).__name__} already holds adapter {self.active_adapters}; a model can carry one "
+                f"row-extension adapter at a time (cannot add {adapter_name!r})"
+            )
+        self.text_vocab_size[adapter_name] = text_vocab_size
+        if self.tied_to is not None:
+            sync_size_attributes(self.base_layer)
+            return
+        weight = self.base_layer.weight
+        old = weight.data
+        self.row_extension_replaced[adapter_name] = old[text_vocab_size:].clone()
+        if old.shape[0] == text_vocab_size + rows.shape[0]:
+            extended = old
+        else:
+            extended = torch.empty((text_vocab_size + rows.shape[0], old.shape[1]), dtype=old.dtype, device=old.device)
+            extended[:text_vocab_size].copy_(old[:text_vocab_size])
+        extended[text_vocab_size:].copy_(rows)
+        weight.data = extended
+        if trainable:
+            self.trained_rows[adapter_name] = nn.Parameter(extended[text_vocab_size:], requires_grad=True)
+        else:
+            self.row_extension_fixed_rows[adapter_name] = extended[text_vocab_size:]
+        self.attach_rows(adapter_name)
+        sync_size_attributes(self.base_layer)
+
+    def rows(self, adapter_name: str) -> torch.Tensor:
+        """The new rows of an adapter (trained parameter or derived buffer), wherever they are owned."""
+        owner = self.tied_to or self
+        if adapter_name in owner.trained_rows:
+            return owner.trained_rows[adapter_name]
+        return owner.row_extension_fixed_rows[adapter_name]
+
+    def attach_rows(self, adapter_name: str) -> None:
+        """Make the rows parameter a view of the weight's tail again.
+
+        Moving, casting or ``load_state_dict(assign=True)`` may give the parameter its own storage; the
+        values it holds are copied back into the tail (taking the weight's dtype and device).
+        """
+        if self.tied_to is not None or adapter_name not in self.text_vocab_size:
+            return
+        rows = self.rows(adapter_name)
+        tail = self.base_layer.weight.data[self.text_vocab_size[adapter_name] :]
+        if rows.device.type == "meta" or _same_storage(rows, tail):
+            return
+        with torch.no_grad():
+            tail.copy_(rows.data)
+        if isinstance(rows, nn.Parameter):
+            rows.data = tail
+        else:
+            self.row_extension_fixed_rows[adapter_name] = tail
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        self.attach_rows(adapter_name)
+
+    # ------------------------------------------------------------------ merge / unload
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """The base weight already holds the rows, so merging only records the state (and checks)."""
+        for name in adapter_names or self.active_adapters:
+            if name in self.merged_adapters:
+                continue
+            self.attach_rows(name)
+            if safe_merge and not torch.isfinite(self.rows(name)).all():
+                raise ValueError(f"non-finite values in the new rows of adapter {name!r}")
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        self.merged_adapters.clear()
+
+    def unload_and_optionally_merge_module(
+        self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]
+    ) -> nn.Module:
+        """Return the base layer: resized with the rows (merge) or restored bit-exactly (unload)."""
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        else:
+            for name in list(self.row_extension_replaced):
+                self.restore_base(name)
+        return self.base_layer
+
+    def restore_base(self, adapter_name: str) -> None:
+        """Put the base rows back: ``concat(weight[:text_vocab_size], replaced rows)``."""
+        weight = self.base_layer.weight
+        keep = self.text_vocab_size[adapter_name]
+        replaced = self.row_extension_replaced[adapter_name].to(weight.data)
+        if weight.shape[0] == keep + replaced.shape[0]:
+            weight.data[keep:].copy_(replaced)
+        else:
+            weight.data = torch.cat([weight.data[:keep], replaced])
+        sync_size_attributes(self.base_layer)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        if not enabled:
+            raise RuntimeError(
+                "A row-extension adapter cannot be disabled: its rows replace the base model's rows at and beyond "
+                "text_vocab_size inside the base weight, so there is no separate base path to fall back to. For "
+                "text-only scores use logits[..., :text_vocab_size]; to get the original base back use unload()."
+            )
+        self._disable_adapters = False
+
+    def _training_rows(self) -> Optional[nn.Parameter]:
+        """The rows when gradients must reach them in this forward, else None (plain full-width path)."""
+        if self.merged or not self.active_adapters or not torch.is_grad_enabled():
+            return None
+        rows = self.rows(self.active_adapters[0])
+        return rows if isinstance(rows, nn.Parameter) and rows.requires_grad else None
+
+    def _prepare_forward(self) -> None:
+        owner = self.tied_to or self
+        for name in self.active_adapters:
+            owner.attach_rows(name)
+
+    def __repr__(self) -> str:
+        return "row_extension." + super().__repr__()
+
+
+class RowExtensionEmbedding(RowExtensionLayer):
+    """Input embedding with new rows: a lookup into the extended matrix, gradients only to new rows."""
+
+    adapter_layer_names = ("row_extension_input_rows",)
+
+    def forward(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self._prepare_forward()
+        result = self.base_layer(input_ids, *args, **kwargs)
+        rows = self._training_rows()
+        if rows is None:
+            return result
+        text_vocab_size = self.text_vocab_size[self.active_adapters[0]]
+        is_new = input_ids >= text_vocab_size
+        if self.base_layer.padding_idx is not None:
+            is_new &= input_ids != self.base_layer.padding_idx
+        # Same values as the lookup above (a gather is exact), but differentiable w.r.t. the rows alone.
+        new_values = F.embedding((input_ids - text_vocab_size).clamp_min(0), rows)
+        embed_scale = self._get_embed_scale()
+        if embed_scale is not None:
+            new_values = new_values * embed_scale.to(new_values.dtype)
+        return torch.where(is_new.unsqueeze(-1), new_values.to(result.dtype), result)
+
+
+class RowExtensionLinear(RowExtensionLayer):
+    """lm_head with new rows: one full-width matmul (exact), gradients only to the new rows."""
+
+    adapter_layer_names = ("row_extension_output_rows",)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self._prepare_forward()
+        rows = self._training_rows()
+        if rows is None:
+            return self.base_layer(hidden_states, *args, **kwargs)
+        return _ExtendedLinear.apply(hidden_states, rows, self.base_layer.weight, self.base_layer.bias)
+
+
+class _ExtendedLinear(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` whose weight gradient is computed for the tail rows only.
+
+    ``weight``'s tail *is* ``rows`` (a view), so the forward is the plain full-width op; the backward
+    returns the input gradient and ``d/d rows`` without ever forming the ``[vocab, hidden]`` gradient.
+    Under autocast the forward ran in a lower precision; the backward computes in the gradient's dtype
+    and casts each gradient back to its input's dtype, as autocast's own cast ops would.
+    """
+
+    @staticmethod
+    def forward(ctx, x, rows, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.num_rows, ctx.rows_dtype = rows.shape[0], rows.dtype
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_rows = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_out @ weight.to(grad_out.dtype)).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            tail = grad_out[..., -ctx.num_rows :].reshape(-1, ctx.num_rows)
+            grad_rows = (tail.T @ x.reshape(-1, x.shape[-1]).to(grad_out.dtype)).to(ctx.rows_dtype)
+        return grad_x, grad_rows, None, None
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.data_ptr() == b.data_ptr()
+
+
+def sync_size_attributes(module: nn.Module) -> None:
+    """Keep ``num_embeddings`` / ``out_features`` in step with the weight after a resize."""
+    rows = module.weight.shape[0]
+    if isinstance(module, nn.Embedding):
+        module.num_embeddings = rows
+    elif isinstance(module, nn.Linear):
+        module.out_features = rows

@@ -1,0 +1,311 @@
+"""`RowExtensionModel`: the PEFT tuner that resizes and patches a causal LM's embeddings.
+
+Everything that can go wrong (shapes, row counts, a missing or truncated adapter file) is checked
+before the base model is touched; then the input embedding and the lm_head are wrapped in
+row-extension layers and the model config gets the new ``vocab_size`` and ``pad_token_id``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils import load_peft_weights
+from torch import nn
+
+from .config import RowExtensionConfig
+from .layer import RowExtensionEmbedding, RowExtensionLayer, RowExtensionLinear, sync_size_attributes
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+INPUT_ROWS_KEY = "input_embeddings.new_rows"
+OUTPUT_ROWS_KEY = "output_embeddings.new_rows"
+# on-disk key of each layer role's parameter container
+_CANONICAL_KEYS = {
+    RowExtensionEmbedding.adapter_layer_names[0]: INPUT_ROWS_KEY,
+    RowExtensionLinear.adapter_layer_names[0]: OUTPUT_ROWS_KEY,
+}
+
+
+class RowExtensionError(ValueError):
+    """An adapter does not fit the base model (or its own files); the base model was left untouched."""
+
+
+@dataclass
+class _Plan:
+    """What injection will do, fully decided (and validated) before any module changes."""
+
+    input_module: nn.Module
+    output_module: Optional[nn.Module]
+    tied: bool
+    input_rows: torch.Tensor
+    output_rows: Optional[torch.Tensor]  # None: tied, or no head
+    output_trained: bool  # False: the head's rows are derived (mean of its text rows), not trained
+
+
+class RowExtensionModel(BaseTuner):
+    """Tuner for `RowExtensionConfig`; see `uti_peft.layer` for how the rows live in the base weights."""
+
+    prefix: str = "row_extension_"
+    tuner_layer_cls = RowExtensionLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    # ------------------------------------------------------------------ config / targets
+    def _prepare_adapter_config(self, peft_config: RowExtensionConfig, model_config: dict) -> RowExtensionConfig:
+        if peft_config.target_modules is None:
+            names = [_module_name(self.model, m) for m in _embedding_modules(self.model) if m is not None]
+            peft_config.target_modules = names
+        return peft_config
+
+    def _check_tied_modules(self, model: nn.Module, peft_config: RowExtensionConfig) -> None:
+        """Tied embeddings are handled by `RowExtensionLinear(tied_to=...)`, nothing to warn about."""
+
+    def _get_tied_target_modules(self, model: nn.Module) -> list[str]:
+        return []
+
+    def _check_tied_module_exists(self, peft_config: RowExtensionConfig, key: str) -> bool:
+        # PEFT creates "tied" targets after all others: the tied lm_head needs the embedding layer first.
+        plan = getattr(self, "_plan", None)
+        return bool(plan and plan.tied and plan.output_module is self.model.get_submodule(key))
+
+    # ------------------------------------------------------------------ injection
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        config = self.peft_config[adapter_name]
+        existing = [n for n, m in model.named_modules() if isinstance(m, RowExtensionLayer)]
+        if existing:
+            raise RowExtensionError(
+                f"the model already carries a row-extension adapter (on {existing}); cannot add {adapter_name!r}"
+            )
+        self._plan = _plan_injection(model, config)
+        try:
+            super().inject_adapter(
+                model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict
+            )
+        finally:
+            del self._plan
+        text_config = model.config.get_text_config()
+        self._original_config = (text_config.vocab_size, model.config.pad_token_id)
+        text_config.vocab_size = config.vocab_size
+        model.config.pad_token_id = config.pad_token_id
+
+    def _create_and_replace(
+        self,
+        peft_config: RowExtensionConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs,
+    ) -> None:
+        plan: _Plan = self._plan
+        text_vocab_size = peft_config.text_vocab_size
+        if target is plan.input_module:
+            new_module = RowExtensionEmbedding(target, adapter_name)
+            new_module.update_layer(adapter_name, text_vocab_size, plan.input_rows)
+        elif target is plan.output_module and plan.tied:
+            owner = self.model.get_input_embeddings()
+            new_module = RowExtensionLinear(target, adapter_name, tied_to=owner)
+            new_module.update_layer(adapter_name, text_vocab_size, plan.input_rows)
+        elif target is plan.output_module:
+            new_module = RowExtensionLinear(target, adapter_name)
+            new_module.update_layer(
+                adapter_name, text_vocab_size, plan.output_rows, trainable=plan.output_trained
+            )
+        else:
+            raise RowExtensionError(
+                f"target module {current_key!r} is neither the input embedding nor the lm_head of the model"
+            )
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Deliberately a no-op: the rows live inside the base weight and share its dtype, which is what makes
+        a bf16 model bit-identical to the legacy-patched one (PEFT would upcast them to float32)."""
+
+    # ------------------------------------------------------------------ unload / delete
+    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs) -> nn.Module:
+        modules = [m.get_base_layer() if isinstance(m, RowExtensionLayer) else m for m in _embedding_modules(self.model)]
+        model = super()._unload_and_optionally_merge(merge=merge, **kwargs)
+        if not merge:
+            self._restore_config(model)
+        for module in modules:
+            if module is not None:
+                sync_size_attributes(module)
+        return model
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Deleting a row-extension adapter gives the base its rows (and config) back."""
+        for module in self.model.modules():
+            if isinstance(module, RowExtensionLayer) and adapter_name in module.row_extension_replaced:
+                module.restore_base(adapter_name)
+        super().delete_adapter(adapter_name)
+        for module in _embedding_modules(self.model):
+            if module is not None:
+                sync_size_attributes(module.get_base_layer() if isinstance(module, RowExtensionLayer) else module)
+        self._restore_config(self.model)
+
+    def _restore_config(self, model: nn.Module) -> None:
+        vocab_size, pad_token_id = self._original_config
+        model.config.get_text_config().vocab_size = vocab_size
+        model.config.pad_token_id = pad_token_id
+
+    # ------------------------------------------------------------------ on-disk names
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """Rows are saved under architecture-independent names (``input_embeddings.new_rows``, …), so an
+        adapter file can be written or inspected without knowing the model's module paths."""
+        for attr, canonical in _CANONICAL_KEYS.items():
+            if key.endswith(f"{attr}.{adapter_name}"):
+                return canonical
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        # On a tied model the one shared matrix takes the head rows when both are present, as the legacy loader
+        # did (its lm_head copy landed last).
+        tied_targets = any(
+            isinstance(m, RowExtensionLinear) and m.tied_to is not None for m in model.modules()
+        )
+        if tied_targets and OUTPUT_ROWS_KEY in state_dict:
+            state_dict = dict(state_dict)
+            state_dict[INPUT_ROWS_KEY] = state_dict.pop(OUTPUT_ROWS_KEY)
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+
+# ---------------------------------------------------------------------- planning (no side effects)
+def _embedding_modules(model: nn.Module) -> tuple[nn.Module, Optional[nn.Module]]:
+    return model.get_input_embeddings(), model.get_output_embeddings()
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    raise RowExtensionError(f"module {module} is not part of the model")
+
+
+def _plan_injection(model: nn.Module, config: RowExtensionConfig) -> _Plan:
+    input_module, output_module = _embedding_modules(model)
+    if input_module is None or getattr(input_module, "weight", None) is None:
+        raise RowExtensionError("the base model has no input embedding (get_input_embeddings() returned none)")
+    tied = output_module is not None and output_module.weight is input_module.weight
+    names = {"input": _module_name(model, input_module)}
+    modules = {"input": input_module}
+    if output_module is not None:
+        names["output"] = _module_name(model, output_module)
+        modules["output"] = output_module
+    for role, module in modules.items():
+        rows = module.weight.shape[0]
+        if rows < config.text_vocab_size:
+            raise RowExtensionError(
+                f"base {names[role]} has {rows} rows, fewer than the token space's text_vocab_size "
+                f"{config.text_vocab_size}"
+            )
+    if output_module is not None and output_module.weight.shape[1] != input_module.weight.shape[1]:
+        raise RowExtensionError(
+            f"base {names['output']} hidden size {output_module.weight.shape[1]} differs from "
+            f"{names['input']} hidden size {input_module.weight.shape[1]}"
+        )
+
+    source = getattr(config, "weights_source", None)
+    saved = _load_saved_rows(source, input_module.weight) if source else {}
+    _check_saved_rows(saved, config, input_module.weight.shape[1], names["input"], source)
+
+    has_output_rows = OUTPUT_ROWS_KEY in saved
+    if tied and has_output_rows:
+        input_rows = saved[OUTPUT_ROWS_KEY]
+        if INPUT_ROWS_KEY in saved and not torch.equal(saved[INPUT_ROWS_KEY], input_rows):
+            warnings.warn(
+                f"the base model ties {names['input']} and {names['output']}; the adapter's lm_head rows are used "
+                "for both (as the legacy loader did) and its differing input-embedding rows are ignored"
+            )
+    elif INPUT_ROWS_KEY in saved:
+        input_rows = saved[INPUT_ROWS_KEY]
+    else:
+        input_rows = _init_rows(input_module.weight, config)
+
+    output_rows, output_trained = None, True
+    if output_module is not None and not tied:
+        if has_output_rows:
+            output_rows = saved[OUTPUT_ROWS_KEY]
+        elif source:
+            output_trained = False
+            output_rows = _mean_rows(output_module.weight, config)
+            warnings.warn(
+                f"the adapter carries no lm_head rows but the base's {names['output']} is not tied to its input "
+                f"embedding: the head's new rows {config.text_vocab_size}..{config.vocab_size - 1} are set to the "
+                "mean of its text rows (not trained, not saved); the legacy loader drew them at random"
+            )
+        else:
+            output_rows = _init_rows(output_module.weight, config)
+    return _Plan(input_module, output_module, tied, input_rows, output_rows, output_trained)
+
+
+def _load_saved_rows(source: tuple[str, dict], like: torch.Tensor) -> dict[str, torch.Tensor]:
+    path, hub_kwargs = source
+    hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
+    try:
+        return load_peft_weights(path, device=str(like.device), **hub_kwargs)
+    except Exception as exc:  # missing, truncated or unreadable: say which adapter and why
+        where = f"{path}/{hub_kwargs['subfolder']}" if hub_kwargs.get("subfolder") else path
+        raise RowExtensionError(f"cannot read the adapter weights {WEIGHTS_NAME} of {where!r}: {exc}") from exc
+
+
+def _check_saved_rows(saved: dict, config: RowExtensionConfig, hidden: int, input_name: str, source) -> None:
+    if not source:
+        return
+    where = f"{source[0]}: {WEIGHTS_NAME}"
+    unknown = sorted(set(saved) - {INPUT_ROWS_KEY, OUTPUT_ROWS_KEY})
+    if unknown:
+        raise RowExtensionError(f"{where} holds tensors this adapter type does not know: {unknown}")
+    if INPUT_ROWS_KEY not in saved and OUTPUT_ROWS_KEY not in saved:
+        raise RowExtensionError(f"{where} holds no rows ({INPUT_ROWS_KEY!r} is missing)")
+    expected = config.num_new_rows
+    for key, rows in saved.items():
+        if rows.dim() != 2 or not rows.is_floating_point():
+            raise RowExtensionError(f"{where}: {key} must be a 2-d float tensor, found {tuple(rows.shape)} {rows.dtype}")
+        if rows.shape[0] != expected:
+            raise RowExtensionError(
+                f"{where}: {key} has {rows.shape[0]} rows but vocab_size - text_vocab_size is "
+                f"{config.vocab_size} - {config.text_vocab_size} = {expected}"
+            )
+        if rows.shape[1] != hidden:
+            raise RowExtensionError(
+                f"{where}: {key} has hidden size {rows.shape[1]} but the base {input_name} has hidden size {hidden}"
+            )
+
+
+def _text_row_stats(weight: torch.Tensor, text_vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std of the text rows, accumulated in float64 chunk by chunk (no full copy)."""
+    total = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
+    total_sq = torch.zeros_like(total)
+    for chunk in weight.detach()[:text_vocab_size].split(8192):
+        chunk = chunk.to(torch.float64)
+        total += chunk.sum(0)
+        total_sq += chunk.square().sum(0)
+    mean = total / text_vocab_size
+    var = (total_sq / text_vocab_size - mean.square()).clamp_min(0) * text_vocab_size / max(text_vocab_size - 1, 1)
+    return mean, var.sqrt()
+
+
+def _mean_rows(weight: torch.Tensor, config: RowExtensionConfig) -> torch.Tensor:
+    mean, _ = _text_row_stats(weight, config.text_vocab_size)
+    return mean.to(weight.dtype).expand(config.num_new_rows, -1)
+
+
+def _init_rows(weight: torch.Tensor, config: RowExtensionConfig) -> torch.Tensor:
+    """New rows for training from scratch: the legacy "mean + noise * std * factor" or the plain mean."""
+    mean, std = _text_row_stats(weight, config.text_vocab_size)
+    if config.init_rows == "mean":
+        return mean.to(weight.dtype).expand(config.num_new_rows, -1)
+    noise = torch.randn(config.num_new_rows, weight.shape[1], dtype=torch.float64, device=weight.device)
+    return (mean + noise * std * config.init_noise_factor).to(weight.dtype)
