@@ -7,6 +7,7 @@ row-extension layers and the model config gets the new ``vocab_size`` and ``pad_
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -204,6 +205,11 @@ def _plan_injection(model: nn.Module, config: RowExtensionConfig) -> _Plan:
         names["output"] = _module_name(model, output_module)
         modules["output"] = output_module
     for role, module in modules.items():
+        if module.weight.device.type == "meta":
+            raise RowExtensionError(
+                f"base {names[role]} has no weights in memory (offloaded to the meta device); load the base with "
+                "its embeddings on a real device"
+            )
         rows = module.weight.shape[0]
         if rows < config.text_vocab_size:
             raise RowExtensionError(
@@ -253,10 +259,12 @@ def _plan_injection(model: nn.Module, config: RowExtensionConfig) -> _Plan:
 def _load_saved_rows(source: tuple[str, dict], like: torch.Tensor) -> dict[str, torch.Tensor]:
     path, hub_kwargs = source
     hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
+    where = os.path.join(path, hub_kwargs.get("subfolder") or "")
+    if os.path.isdir(where) and not any(os.path.isfile(os.path.join(where, n)) for n in (WEIGHTS_NAME, "adapter_model.bin")):
+        raise RowExtensionError(f"{where}: {WEIGHTS_NAME} is missing (the directory holds {sorted(os.listdir(where))})")
     try:
         return load_peft_weights(path, device=str(like.device), **hub_kwargs)
     except Exception as exc:  # missing, truncated or unreadable: say which adapter and why
-        where = f"{path}/{hub_kwargs['subfolder']}" if hub_kwargs.get("subfolder") else path
         raise RowExtensionError(f"cannot read the adapter weights {WEIGHTS_NAME} of {where!r}: {exc}") from exc
 
 

@@ -102,6 +102,10 @@ def build_tiny_qwen3(
         tie_word_embeddings=tied,
     )
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config).to(dtype)
+    model = Qwen3ForCausalLM(config)
+    # cast parameters only: buffers (rotary inv_freq) stay float32, exactly as from_pretrained(dtype=...) leaves them
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    model.config.dtype = dtype
     model.eval()
     return model
