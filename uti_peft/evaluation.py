@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .config import TOKEN_SPACE_NAME
 from .token_space import TokenSpace
 
 IGNORE_INDEX = -100
@@ -26,7 +27,6 @@ ALL = "all"
 DEFAULT_MAX_SEQ_LEN = 2048
 TRUNCATION_SIDES = ("left", "right")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TOKEN_SPACE_FILE = "token_space.json"
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class EvalExample:
 
 
 @dataclass(frozen=True)
-class _Scored:
+class _Prepared:
     """An example after truncation, with the labels the loss is computed against."""
 
     task: str
@@ -133,7 +133,7 @@ def evaluate(
     return _report(results, skipped=len(prepared) - len(scorable))
 
 
-def _prepare(example: EvalExample, token_space: TokenSpace, max_seq_len: int, side: str) -> _Scored:
+def _prepare(example: EvalExample, token_space: TokenSpace, max_seq_len: int, side: str) -> _Prepared:
     """Check ids against the token space, truncate, and derive labels (pad tokens are never scored)."""
     _check_ids(example.input_ids, token_space, f"{example.source}: input_ids")
     if example.labels is not None:
@@ -143,7 +143,7 @@ def _prepare(example: EvalExample, token_space: TokenSpace, max_seq_len: int, si
         pad = token_space.pad_token_id
         labels = [IGNORE_INDEX if i == pad else i for i in example.input_ids]
     window = slice(-max_seq_len, None) if side == "left" else slice(0, max_seq_len)
-    return _Scored(example.task, example.input_ids[window], labels[window])
+    return _Prepared(example.task, example.input_ids[window], labels[window])
 
 
 def _check_ids(ids: Sequence[int], token_space: TokenSpace, what: str) -> None:
@@ -153,7 +153,7 @@ def _check_ids(ids: Sequence[int], token_space: TokenSpace, what: str) -> None:
 
 
 def _score_batch(
-    model: torch.nn.Module, batch: Sequence[_Scored], pad_token_id: int, device: torch.device
+    model: torch.nn.Module, batch: Sequence[_Prepared], pad_token_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example of a right-padded batch: (sum of token losses, number of scored tokens).
 
@@ -175,9 +175,10 @@ def _score_batch(
     scored = shift_labels != IGNORE_INDEX
     # Only scored positions are gathered and upcast, which keeps the float32 copy of the logits small.
     token_losses = F.cross_entropy(logits[:, :-1][scored].float(), shift_labels[scored], reduction="none")
-    rows = scored.nonzero()[:, 0]
-    sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, token_losses.double())
-    return sums.cpu(), scored.sum(dim=1).cpu()
+    # Summed in float64 on the CPU (not every accelerator has float64).
+    rows = scored.nonzero()[:, 0].cpu()
+    sums = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, rows, token_losses.cpu().double())
+    return sums, scored.sum(dim=1).cpu()
 
 
 def _report(results: Sequence[tuple[str, float, int]], skipped: int) -> dict[str, Any]:
@@ -197,7 +198,7 @@ def _report(results: Sequence[tuple[str, float, int]], skipped: int) -> dict[str
 
 
 # ---------------------------------------------------------------------------------------- command line
-def add_cli(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register ``uti-peft eval``."""
     parser = subparsers.add_parser(
         "eval",
@@ -205,11 +206,11 @@ def add_cli(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -
         description="Mean loss per task (and token-weighted) of a base model, with an adapter if given.",
     )
     parser.add_argument("--base", required=True, help="base model: local directory or hub id")
-    parser.add_argument("--adapter", help="adapter directory; without it the base model is evaluated as is")
+    parser.add_argument("--adapter", help="adapter directory or hub id; without it the base model is evaluated as is")
     parser.add_argument("--data", required=True, help="tokenized JSONL (task, input_ids, optional labels)")
     parser.add_argument(
         "--token-space",
-        help=f"token space JSON (default: {TOKEN_SPACE_FILE} in the adapter, else the base directory)",
+        help=f"token space JSON (default: the adapter's own, else {TOKEN_SPACE_NAME} in the base directory)",
     )
     parser.add_argument("--batch-size", type=_positive_int, default=1)
     parser.add_argument("--max-seq-len", type=_positive_int, default=DEFAULT_MAX_SEQ_LEN)
@@ -228,9 +229,9 @@ def _positive_int(text: str) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    token_space = TokenSpace.from_file(_token_space_path(args))
     examples = read_jsonl(args.data)
     model = _load_model(args.base, args.adapter, DTYPES[args.dtype], args.device)
+    token_space = _token_space(args, model)
     report = evaluate(
         model,
         token_space,
@@ -247,13 +248,16 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _token_space_path(args: argparse.Namespace) -> str:
+def _token_space(args: argparse.Namespace, model: torch.nn.Module) -> TokenSpace:
+    """``--token-space``, else the one the adapter was trained with, else the base directory's file."""
     if args.token_space:
-        return args.token_space
-    for directory in (args.adapter, args.base):
-        if directory and os.path.isfile(os.path.join(directory, TOKEN_SPACE_FILE)):
-            return os.path.join(directory, TOKEN_SPACE_FILE)
-    raise FileNotFoundError(f"no {TOKEN_SPACE_FILE} in the adapter or base directory; pass --token-space")
+        return TokenSpace.from_file(args.token_space)
+    if args.adapter:
+        return model.active_peft_config.get_token_space()
+    path = os.path.join(args.base, TOKEN_SPACE_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {TOKEN_SPACE_NAME} in {args.base} and no adapter; pass --token-space")
+    return TokenSpace.from_file(path)
 
 
 def _load_model(base: str, adapter: str | None, dtype: torch.dtype, device: str) -> torch.nn.Module:
