@@ -118,3 +118,11 @@ def test_config_fields_must_agree_with_token_space(token_space):
     with pytest.raises(ValueError, match="init_rows is 'zeros'"):
         uti_peft.RowExtensionConfig(token_space=token_space, init_rows="zeros")
 
+
+
+def test_head_rows_only_on_an_untied_base_is_refused(make_adapter):
+    adapter = make_adapter()
+    path = adapter / WEIGHTS_NAME
+    rows = load_file(path)
+    save_file({"output_embeddings.new_rows": rows["output_embeddings.new_rows"]}, path)
+    load_expecting(build_tiny_qwen3(), adapter, uti_peft.RowExtensionError, "lm_head rows only", "model.embed_tokens")

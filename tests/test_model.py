@@ -286,3 +286,17 @@ def test_registration_uses_peft_registries():
     assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.ROW_EXTENSION] is uti_peft.RowExtensionModel
     uti_peft.register()  # idempotent
     assert list(PeftType).count(PeftType.ROW_EXTENSION) == 1
+
+
+def test_head_rows_mean_trains_and_saves_input_rows_only(token_space, tmp_path):
+    base = build_tiny_qwen3()
+    head_text_mean = base.get_output_embeddings().weight[:TEXT_VOCAB].detach().double().mean(0).float()
+    with pytest.warns(UserWarning, match="set to the\\s+mean of its text rows"):
+        model = get_peft_model(base, uti_peft.RowExtensionConfig(token_space=token_space, head_rows="mean"))
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        "base_model.model.model.embed_tokens.row_extension_input_rows.default"
+    ]
+    head = model.get_base_model().get_output_embeddings().base_layer.weight[TEXT_VOCAB:]
+    assert torch.equal(head, head_text_mean.expand_as(head))
+    model.save_pretrained(tmp_path / "a")
+    assert set(saved_rows(tmp_path / "a")) == {INPUT_ROWS_KEY}

@@ -241,13 +241,18 @@ def _plan_injection(model: nn.Module, config: RowExtensionConfig) -> _Plan:
 
     output_rows, output_trained = None, True
     if output_module is not None and not tied:
+        if has_output_rows and INPUT_ROWS_KEY not in saved:
+            raise RowExtensionError(
+                f"{source[0]}: {WEIGHTS_NAME} holds lm_head rows only, but the base's {names['input']} is not tied "
+                f"to {names['output']}: its new input rows would be undefined"
+            )
         if has_output_rows:
             output_rows = saved[OUTPUT_ROWS_KEY]
-        elif source:
+        elif source or config.head_rows == "mean":
             output_trained = False
             output_rows = _mean_rows(output_module.weight, config)
             warnings.warn(
-                f"the adapter carries no lm_head rows but the base's {names['output']} is not tied to its input "
+                f"the adapter carries no lm_head rows and the base's {names['output']} is not tied to its input "
                 f"embedding: the head's new rows {config.text_vocab_size}..{config.vocab_size - 1} are set to the "
                 "mean of its text rows (not trained, not saved); the legacy loader drew them at random"
             )
