@@ -6,6 +6,7 @@
 
 from .config import RowExtensionConfig
 from .layer import RowExtensionEmbedding, RowExtensionLayer, RowExtensionLinear
+from .legacy import convert_legacy, export_legacy
 from .model import RowExtensionError, RowExtensionModel
 from .registration import register
 from .token_space import TokenRange, TokenSpace, TokenSpaceError
@@ -24,5 +25,7 @@ __all__ = [
     "TokenRange",
     "TokenSpace",
     "TokenSpaceError",
+    "convert_legacy",
+    "export_legacy",
     "register",
 ]

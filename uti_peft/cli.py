@@ -8,11 +8,11 @@ from typing import Optional, Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import demo
+    from . import demo, evaluation, hub, legacy
 
     parser = argparse.ArgumentParser(prog="uti-peft", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module in (demo,):
+    for module in (demo, legacy, hub, evaluation):
         module.add_cli(subparsers)
     return parser
 

@@ -98,6 +98,15 @@ class RowExtensionConfig(PeftConfig):
         return config
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """Write ``adapter_config.json`` and, beside it, the token space as ``token_space.json``."""
+        """Write ``adapter_config.json`` and, beside it, the token space as ``token_space.json`` and, when the
+        rows (``adapter_model.safetensors``) are already there, the model card ``README.md``.
+
+        ``PeftModel.save_pretrained`` writes the weights before the config, so its directory (and what
+        ``push_to_hub`` uploads) gets our card in place of PEFT's generic one. Provenance, and eval numbers
+        measured on these same weights, are carried over from a previous card (see `uti_peft.card`).
+        """
+        from .card import write_model_card
+
         super().save_pretrained(save_directory, **kwargs)
         self.get_token_space().save(os.path.join(save_directory, TOKEN_SPACE_NAME))
+        write_model_card(save_directory, self)

@@ -224,6 +224,11 @@ def _plan_injection(model: nn.Module, config: RowExtensionConfig) -> _Plan:
 
     source = getattr(config, "weights_source", None)
     saved = _load_saved_rows(source, input_module.weight) if source else {}
+    if source:
+        from .hub import check_base_model
+
+        rows = saved.get(INPUT_ROWS_KEY, saved.get(OUTPUT_ROWS_KEY))
+        check_base_model(config, model, adapter_hidden_size=rows.shape[-1] if rows is not None and rows.dim() == 2 else None)
     _check_saved_rows(saved, config, input_module.weight.shape[1], names["input"], source)
 
     has_output_rows = OUTPUT_ROWS_KEY in saved

@@ -8,6 +8,8 @@ Two things PEFT offers no public hook for, done once at import:
   ``save_embedding_layers="auto"`` saves the *whole* embedding and lm_head beside the adapter. A
   row-extension adapter is exactly the record of that resize, so for models carrying one, "auto" means
   "rows only". An explicit ``save_embedding_layers=True`` is still honoured.
+* ``push_to_hub`` (inherited from transformers) replaces the saved ``README.md`` with a generic card; for
+  models carrying this adapter it uploads our card instead (see `uti_peft.hub.install`).
 """
 
 from __future__ import annotations
@@ -82,3 +84,7 @@ def register() -> None:
             prefix=RowExtensionModel.prefix,
         )
     _install_rows_only_saving()
+
+    from .hub import install as install_hub_integration
+
+    install_hub_integration()

@@ -1,0 +1,1 @@
+"""Jinja templates of the model cards (packaged as ``uti_peft.model_cards``)."""

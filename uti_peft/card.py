@@ -1,0 +1,317 @@
+"""The model card (``README.md``) of a row-extension adapter, built with huggingface_hub's `ModelCard`.
+
+One card for a local directory and a Hub repo: `RowExtensionConfig.save_pretrained` writes it (so
+``PeftModel.save_pretrained`` and ``push_to_hub`` carry it), and the legacy converter renders it with the
+conversion's provenance and eval numbers.
+
+Besides the standard Hub metadata (``base_model``, ``library_name: peft``, ``tags``, ``pipeline_tag``) the
+YAML carries a ``uti_peft`` block with the facts of the card (sizes, token-space digest, provenance, eval
+report), so that a card can be read back by a program (see `card_facts`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from importlib import resources
+from typing import Any, Optional
+
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from .config import RowExtensionConfig
+from .token_space import TokenSpace
+
+CARD_NAME = "README.md"
+TEMPLATE_NAME = "adapter_card.md"
+METADATA_KEY = "uti_peft"
+LIBRARY_TAG = "uti-peft"
+ADAPTER_REF_PLACEHOLDER = "<this repo id or adapter directory>"
+
+_PROVENANCE_LABELS = {
+    "source_checkpoint": "Source checkpoint",
+    "source_sha256": "Source sha256",
+    "source_format": "Source format",
+    "row_start": "Row start",
+    "row_end": "Row end",
+    "dtype": "Dtype",
+}
+
+
+def template_path() -> str:
+    """Path of the Jinja template (``model_cards/adapter_card.md``, packaged as ``uti_peft.model_cards``)."""
+    return str(resources.files("uti_peft.model_cards") / TEMPLATE_NAME)
+
+
+def render_model_card(
+    config: RowExtensionConfig,
+    *,
+    rows_bytes: int,
+    provenance: dict | None = None,
+    eval_report: dict | None = None,
+) -> ModelCard:
+    """Render the card of an adapter.
+
+    Args:
+        config: The adapter's config (token space, sizes, ``base_model_name_or_path``).
+        rows_bytes: Bytes of the rows the adapter stores (``adapter_model.safetensors`` tensor data; see
+            `rows_bytes_of_file`).
+        provenance: For converted checkpoints, e.g. ``{"source_checkpoint": path, "source_sha256": hex,
+            "source_format": "trainable_rows.pt", "row_start": .., "row_end": .., "dtype": ..}``; any other
+            keys are rendered too. The section is omitted when None or empty.
+        eval_report: e.g. ``{"loss_mean": {"all": 2.1, "a2t": 1.9}, "counts": {"all": 100, "a2t": 40}}``: every
+            dict-valued entry is a column of the eval table (one row per subset), other entries are listed
+            below it. The section is omitted when None or empty.
+    """
+    space = config.get_token_space()
+    provenance = _json_safe(provenance) if provenance else None
+    eval_report = _json_safe(eval_report) if eval_report else None
+    base_id = _hub_base_model(config, space)
+    base_name = config.base_model_name_or_path or space.base_text_model or "BASE_MODEL"
+
+    modality_tags = [m for m in space.modalities if m != "special"]
+    tags = [LIBRARY_TAG, "peft", "row-extension", "vocabulary-extension", *modality_tags]
+    if base_id:
+        tags.append(f"base_model:adapter:{base_id}")
+    facts: dict[str, Any] = {
+        "peft_type": "ROW_EXTENSION",
+        "text_vocab_size": config.text_vocab_size,
+        "vocab_size": config.vocab_size,
+        "num_new_rows": config.num_new_rows,
+        "rows_bytes": int(rows_bytes),
+        "head_rows": config.head_rows,
+        "token_space_sha256": config.token_space_sha256,
+        "modalities": modality_tags,
+    }
+    if provenance:
+        facts["provenance"] = provenance
+    if eval_report:
+        facts["eval"] = eval_report
+    card_data = ModelCardData(
+        base_model=base_id,
+        library_name="peft",
+        pipeline_tag="text-generation",
+        tags=tags,
+        **{METADATA_KEY: facts},
+    )
+    eval_metrics, eval_rows, eval_facts = _eval_table(eval_report or {})
+    return ModelCard.from_template(
+        card_data,
+        template_path=template_path(),
+        title=f"Row-extension adapter for {base_name}",
+        base_model_link=f"[`{base_id}`](https://huggingface.co/{base_id})" if base_id else (
+            f"`{base_name}`" if config.base_model_name_or_path else None
+        ),
+        base_model_name=base_name,
+        adapter_ref=ADAPTER_REF_PLACEHOLDER,
+        text_vocab_size=config.text_vocab_size,
+        vocab_size=config.vocab_size,
+        text_vocab_size_text=f"{config.text_vocab_size:,}",
+        vocab_size_text=f"{config.vocab_size:,}",
+        num_new_rows_text=f"{config.num_new_rows:,}",
+        pad_token_id=config.pad_token_id,
+        token_space_sha256=config.token_space_sha256,
+        ranges=_range_rows(space),
+        rows_bytes_text=_format_bytes(int(rows_bytes)),
+        head_rows_text=(
+            "trained rows stored (or shared with the input embedding when the base ties them)"
+            if config.head_rows == "trained"
+            else "not stored: on an untied base the mean of the head's text rows; a tied base shares the input rows"
+        ),
+        eval_metrics=eval_metrics,
+        eval_rows=eval_rows,
+        eval_facts=eval_facts,
+        provenance=[
+            {"name": _PROVENANCE_LABELS.get(k, k), "value": _cell(v, code=k in ("source_sha256", "source_checkpoint"))}
+            for k, v in (provenance or {}).items()
+        ],
+        uti_peft_version=_version("uti-peft"),
+        peft_version=_version("peft"),
+    )
+
+
+def card_facts(card: ModelCard) -> dict[str, Any]:
+    """The ``uti_peft`` metadata block of a card (``{}`` for a card that is not ours)."""
+    facts = card.data.get(METADATA_KEY)
+    return dict(facts) if isinstance(facts, dict) else {}
+
+
+def rows_bytes_of_file(path: str | os.PathLike) -> int:
+    """Bytes of tensor data in a safetensors file (the rows), read from its header without loading it."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    return sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items() if k != "__metadata__")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_model_card(
+    save_directory: str | os.PathLike,
+    config: RowExtensionConfig,
+    *,
+    provenance: dict | None = None,
+    eval_report: dict | None = None,
+    carry_over: bool = True,
+) -> Optional[ModelCard]:
+    """Write ``README.md`` for the adapter saved in ``save_directory`` (None if it holds no weights file).
+
+    ``rows_bytes`` comes from ``adapter_model.safetensors``, whose sha256 is recorded in the card. With
+    ``carry_over`` (what ``save_pretrained`` does), a previous uti-peft card in the directory donates what
+    this call is not given: its provenance always (the rows' lineage survives re-saving), its eval report
+    only when it was measured on these exact weights (same recorded sha256), so numbers never go stale.
+    """
+    from .model import WEIGHTS_NAME
+
+    save_directory = os.fspath(save_directory)
+    weights = os.path.join(save_directory, WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        return None
+    weights_sha256 = file_sha256(weights)
+    previous = _previous_facts(os.path.join(save_directory, CARD_NAME)) if carry_over else {}
+    if provenance is None:
+        provenance = previous.get("provenance")
+    if eval_report is None and previous.get("adapter_sha256") == weights_sha256:
+        eval_report = previous.get("eval")
+    card = render_model_card(
+        config, rows_bytes=rows_bytes_of_file(weights), provenance=provenance, eval_report=eval_report
+    )
+    card.data[METADATA_KEY]["adapter_sha256"] = weights_sha256
+    card.save(os.path.join(save_directory, CARD_NAME))
+    return card
+
+
+# ---------------------------------------------------------------------- helpers
+def _previous_facts(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        return {}
+    try:
+        return card_facts(ModelCard.load(path, ignore_metadata_errors=True))
+    except Exception:  # an unreadable card is replaced, not fatal
+        return {}
+
+
+def _hub_base_model(config: RowExtensionConfig, space: TokenSpace) -> Optional[str]:
+    """The base as a Hub id for ``base_model`` metadata: the config's base when it is a repo id (not a local
+    path), else the token space's ``base_text_model``; None when neither is."""
+    for candidate in (config.base_model_name_or_path, space.base_text_model):
+        if candidate and _is_repo_id(candidate):
+            return candidate
+    return None
+
+
+def _is_repo_id(name: str) -> bool:
+    if os.path.isabs(name) or name.startswith(".") or os.path.exists(name) or name.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _range_rows(space: TokenSpace) -> list[dict[str, Any]]:
+    image = space.image_tokenizer or {}
+    codec = space.audio_codec or {}
+    audio_ranges = space.ranges_of("audio") if "audio" in space.modalities else []
+    specials = space.special_tokens
+    rows = []
+    for name, r in space.ranges.items():
+        modality = space.modality_of_id(r.start)
+        if name == "TEXT":
+            base = space.base_text_model
+            encodes = f"text vocabulary of `{base}` (base rows, not stored)" if base else "text vocabulary (base rows, not stored)"
+        elif name == "SPECIAL":
+            named = ", ".join(f"`{t}`" for t in sorted(specials, key=specials.__getitem__))  # id order
+            encodes = f"{len(specials)} named special tokens ({named}), the rest reserved" if specials else "special tokens"
+        elif modality == "image":
+            who = f"`{image['name_or_path']}`" if image.get("name_or_path") else "the image tokenizer"
+            encodes = f"image tokenizer {who} codes" + (
+                f" (codebook of {image['codebook_size']:,})" if isinstance(image.get("codebook_size"), int) else ""
+            )
+        elif modality == "audio":
+            who = f"`{codec['name_or_path']}`" if codec.get("name_or_path") else "the audio codec"
+            index = audio_ranges.index(r) if r in audio_ranges else 0
+            encodes = f"audio codec {who}, codebook {index} of {len(audio_ranges)}"
+            if isinstance(codec.get("codebook_size"), int):
+                encodes += f" ({codec['codebook_size']:,} codes)"
+            if codec.get("serialization") and index == 0:
+                encodes += f"; serialization `{codec['serialization']}`"
+        else:
+            encodes = f"{modality} tokens"
+        rows.append({"name": name, "start": r.start, "end": r.end, "size_text": f"{r.size:,}", "encodes": _escape(encodes)})
+    return rows
+
+
+def _eval_table(report: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]], list[dict[str, str]]]:
+    metrics = [k for k, v in report.items() if isinstance(v, dict)]
+    subsets: list[str] = []
+    for metric in metrics:
+        subsets.extend(s for s in report[metric] if s not in subsets)
+    rows = [
+        {"subset": _escape(str(s)), "values": [_cell(report[m].get(s)) for m in metrics]} for s in subsets
+    ]
+    facts = [{"name": _escape(str(k)), "value": _cell(v)} for k, v in report.items() if not isinstance(v, dict)]
+    return [_escape(str(m)) for m in metrics], rows, facts
+
+
+def _cell(value: Any, code: bool = False) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        text = "nan" if math.isnan(value) else f"{value:.4g}"
+    elif isinstance(value, int) and not isinstance(value, bool):
+        text = f"{value:,}" if abs(value) >= 10_000 else str(value)
+    elif isinstance(value, (list, dict)):
+        text = json.dumps(value, ensure_ascii=False)
+    else:
+        text = str(value)
+    text = _escape(text)
+    return f"`{text}`" if code else text
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain YAML/JSON types only (a ``torch.dtype`` or a Path becomes its string)."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        return _json_safe(value.item())  # 0-d tensors / numpy scalars
+    return str(value)
+
+
+def _format_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            human = f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+            break
+        size /= 1024
+    return f"{human} ({n:,} bytes)"
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "unknown"

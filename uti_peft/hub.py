@@ -1,0 +1,620 @@
+"""The Hugging Face Hub: push an adapter (``model.push_to_hub`` / ``uti-peft push``) and errors a user can act on.
+
+A pushed repo holds exactly what a saved adapter directory holds: ``adapter_config.json``,
+``adapter_model.safetensors`` (the new rows only), ``token_space.json`` and the model card ``README.md``
+(see `uti_peft.card`). Loading needs nothing of ours beyond ``import uti_peft``:
+``PeftModel.from_pretrained(base, "org/name", revision=..., subfolder=...)`` and
+``AutoPeftModelForCausalLM.from_pretrained("org/name")`` resolve the repo with huggingface_hub.
+
+`install` (run when this module is imported) adapts PEFT where it has no hook:
+
+* ``PeftModel.push_to_hub``, for models carrying a row-extension adapter, uploads those four files in one
+  commit. (transformers' generic ``push_to_hub``, which PEFT inherits, replaces the saved ``README.md`` by
+  the repo's existing card or transformers' default one, so our card would never reach the Hub.)
+* When PEFT cannot find ``adapter_config.json`` (``"Can't find 'adapter_config.json' at 'org/name'"`` for a
+  missing repo, revision, file, an uncached repo offline, ...) the error says which of these it is, and an
+  ``adapter_config.json`` naming a ``peft_type`` nobody registered says what to install or import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, constants, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from peft.utils import CONFIG_NAME, PeftType
+
+from .card import CARD_NAME, METADATA_KEY, card_facts, file_sha256, render_model_card, rows_bytes_of_file
+from .config import TOKEN_SPACE_NAME, RowExtensionConfig
+from .model import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME, RowExtensionError
+from .token_space import TokenSpace, TokenSpaceError
+
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, TOKEN_SPACE_NAME, CARD_NAME)
+DEFAULT_COMMIT_MESSAGE = "Upload row-extension adapter"
+_MARK = "__uti_peft_hub__"
+
+
+class AdapterNotFoundError(RowExtensionError):
+    """No adapter where one was asked for: no such repo, revision, directory or ``adapter_config.json``."""
+
+
+class WrongAdapterTypeError(RowExtensionError):
+    """The adapter is not a row-extension adapter (or names a ``peft_type`` nobody registered)."""
+
+
+class BaseModelMismatchError(RowExtensionError):
+    """The adapter was made for a base of another shape."""
+
+
+class BaseModelMismatchWarning(UserWarning):
+    """The adapter was saved from a base with another name (the shapes fit, the weights may not)."""
+
+
+# ---------------------------------------------------------------------- the adapter folder
+@dataclass
+class AdapterFolder:
+    """A validated adapter directory, ready to push."""
+
+    path: str
+    config: RowExtensionConfig
+    rows_bytes: int
+    hidden_size: int
+    tensors: tuple[str, ...]
+
+
+def check_adapter_folder(path: str | os.PathLike) -> AdapterFolder:
+    """Check that ``path`` holds a complete, self-consistent row-extension adapter, rows only.
+
+    Raises `AdapterNotFoundError` (missing files), `WrongAdapterTypeError` (another peft_type) or
+    `RowExtensionError` (files that disagree), naming the file and the values.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise AdapterNotFoundError(f"{path!r} is not a directory")
+    config_file = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(config_file):
+        raise AdapterNotFoundError(f"{path!r} has no {CONFIG_NAME}: not a saved PEFT adapter ({_listing(path)})")
+    with open(config_file, encoding="utf-8") as f:
+        peft_type = json.load(f).get("peft_type")
+    check_peft_type(peft_type, where=config_file)
+    config = RowExtensionConfig.from_pretrained(path)
+    for name in (WEIGHTS_NAME, TOKEN_SPACE_NAME):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise AdapterNotFoundError(f"{path!r} has no {name} ({_listing(path)})")
+    space = TokenSpace.from_file(os.path.join(path, TOKEN_SPACE_NAME))
+    if space.sha256() != config.token_space_sha256:
+        raise TokenSpaceError(
+            f"{path}: {TOKEN_SPACE_NAME} (sha256 {space.sha256()[:12]}…) differs from the token space in "
+            f"{CONFIG_NAME} (sha256 {config.token_space_sha256[:12]}…)"
+        )
+    header = _safetensors_header(os.path.join(path, WEIGHTS_NAME))
+    tensors = tuple(sorted(k for k in header if k != "__metadata__"))
+    where = os.path.join(path, WEIGHTS_NAME)
+    unknown = sorted(set(tensors) - {INPUT_ROWS_KEY, OUTPUT_ROWS_KEY})
+    if unknown or not tensors:
+        raise RowExtensionError(
+            f"{where} must hold {INPUT_ROWS_KEY!r} (and optionally {OUTPUT_ROWS_KEY!r}) only, found {list(tensors)}"
+        )
+    hidden_sizes = set()
+    for key in tensors:
+        shape = header[key]["shape"]
+        if len(shape) != 2 or shape[0] != config.num_new_rows:
+            raise RowExtensionError(
+                f"{where}: {key} has shape {shape}, expected [{config.num_new_rows}, hidden] "
+                f"(vocab_size - text_vocab_size = {config.vocab_size} - {config.text_vocab_size})"
+            )
+        hidden_sizes.add(shape[1])
+    if len(hidden_sizes) != 1:
+        raise RowExtensionError(f"{where}: the row tensors disagree on the hidden size: {sorted(hidden_sizes)}")
+    return AdapterFolder(path, config, rows_bytes_of_file(where), hidden_sizes.pop(), tensors)
+
+
+def check_peft_type(peft_type: Any, *, where: str) -> None:
+    """Raise `WrongAdapterTypeError` unless ``peft_type`` is ``ROW_EXTENSION``."""
+    if str(getattr(peft_type, "value", peft_type)) != PeftType.ROW_EXTENSION.value:
+        raise WrongAdapterTypeError(
+            f"{where}: peft_type is {peft_type!r}, not 'ROW_EXTENSION': this is not a uti-peft row-extension "
+            "adapter (load other PEFT adapters with PEFT directly)"
+        )
+
+
+# ---------------------------------------------------------------------- push
+def push_adapter(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: Optional[bool] = None,
+    revision: Optional[str] = None,
+    commit_message: Optional[str] = None,
+    commit_description: Optional[str] = None,
+    create_pr: bool = False,
+    token: Optional[str | bool] = None,
+    path_in_repo: str = "",
+    tags: Optional[list[str]] = None,
+    api: Optional[HfApi] = None,
+) -> CommitInfo:
+    """Upload the adapter in ``folder`` to ``repo_id`` in one commit: exactly `ADAPTER_FILES`.
+
+    The repo is created if needed (``private`` applies only then), and so is the branch ``revision``. The
+    folder's ``README.md`` is uploaded when it is a uti-peft card of these weights (its recorded sha256);
+    otherwise (none, PEFT's generic card, or a card of other weights: only its provenance is kept) a fresh
+    card is rendered for the upload. The folder is never modified. ``tags`` are added to the card.
+    """
+    adapter = check_adapter_folder(folder)
+    card = _card_for_upload(adapter)
+    if tags:
+        card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *tags]))
+    api = api or HfApi()
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True, token=token).repo_id
+    if revision is not None and not revision.startswith("refs/pr/"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True, token=token)
+    prefix = f"{path_in_repo.strip('/')}/" if path_in_repo.strip("/") else ""
+    operations = [
+        CommitOperationAdd(path_in_repo=prefix + name, path_or_fileobj=os.path.join(adapter.path, name))
+        for name in ADAPTER_FILES
+        if name != CARD_NAME
+    ]
+    operations.append(CommitOperationAdd(path_in_repo=prefix + CARD_NAME, path_or_fileobj=str(card).encode("utf-8")))
+    return api.create_commit(
+        repo_id,
+        operations,
+        commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+        commit_description=commit_description,
+        revision=revision,
+        create_pr=create_pr,
+        token=token,
+    )
+
+
+def _card_for_upload(adapter: AdapterFolder) -> ModelCard:
+    """The folder's card if it is ours and describes these weights; else a fresh one (keeping provenance)."""
+    weights_sha256 = file_sha256(os.path.join(adapter.path, WEIGHTS_NAME))
+    facts: dict[str, Any] = {}
+    card_file = os.path.join(adapter.path, CARD_NAME)
+    if os.path.isfile(card_file):
+        try:
+            card = ModelCard.load(card_file)
+        except Exception:  # unreadable metadata: replaced by ours below
+            card = None
+        facts = card_facts(card) if card is not None else {}
+        if facts and facts.get("adapter_sha256") in (None, weights_sha256):
+            return card
+    card = render_model_card(adapter.config, rows_bytes=adapter.rows_bytes, provenance=facts.get("provenance"))
+    card.data[METADATA_KEY]["adapter_sha256"] = weights_sha256
+    return card
+
+
+def _push_to_hub(original, self, repo_id: str, *args, **kwargs):
+    """``PeftModel.push_to_hub`` for a model carrying a row-extension adapter (else PEFT's own)."""
+    from .registration import _carries_row_extension
+
+    if not _carries_row_extension(self) or args:
+        return original(self, repo_id, *args, **kwargs)
+    kwargs.pop("max_shard_size", None)  # the rows are never sharded
+    known = {"commit_message", "commit_description", "private", "token", "revision", "create_pr", "tags"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"push_to_hub() got unexpected keyword arguments {unknown}")
+    (adapter_name,) = list(self.peft_config)  # the tuner allows one row-extension adapter per model
+    with tempfile.TemporaryDirectory(prefix="uti-peft-push-") as tmp:
+        self.save_pretrained(tmp)
+        folder = tmp if adapter_name == "default" else os.path.join(tmp, adapter_name)
+        path_in_repo = "" if adapter_name == "default" else adapter_name
+        return push_adapter(folder, repo_id, path_in_repo=path_in_repo, **kwargs)
+
+
+# ---------------------------------------------------------------------- finding an adapter
+def locate_adapter(
+    name_or_path: str,
+    *,
+    subfolder: Optional[str] = None,
+    revision: Optional[str] = None,
+    token: Optional[str | bool] = None,
+    cache_dir: Optional[str | os.PathLike] = None,
+    local_files_only: bool = False,
+    **_: Any,
+) -> str:
+    """Path of the adapter's ``adapter_config.json`` (local directory or Hub repo, downloaded if needed).
+
+    Raises `AdapterNotFoundError` saying what is missing and what to do: no such directory, no such repo
+    (or no access), no such revision, a repo without ``adapter_config.json`` (with the subfolders that have
+    one), or a repo that is not in the cache while offline.
+    """
+    local = os.path.join(name_or_path, subfolder) if subfolder else name_or_path
+    if os.path.isdir(local):
+        config_file = os.path.join(local, CONFIG_NAME)
+        if os.path.isfile(config_file):
+            return config_file
+        raise AdapterNotFoundError(
+            f"directory {local!r} has no {CONFIG_NAME}: not a saved PEFT adapter ({_listing(local)})"
+            + _subfolder_hint(_local_files(name_or_path), subfolder)
+        )
+    if _looks_like_path(name_or_path):
+        raise AdapterNotFoundError(f"no adapter directory {local!r} (it does not exist)")
+    try:
+        return hf_hub_download(
+            name_or_path, CONFIG_NAME, subfolder=subfolder, revision=revision, token=token,
+            cache_dir=cache_dir, local_files_only=local_files_only,
+        )
+    except Exception as exc:
+        raise explain_hub_error(exc, name_or_path, subfolder=subfolder, revision=revision, token=token,
+                                cache_dir=cache_dir, local_files_only=local_files_only) from exc
+
+
+def explain_hub_error(
+    exc: BaseException,
+    repo_id: str,
+    *,
+    subfolder: Optional[str] = None,
+    revision: Optional[str] = None,
+    token: Optional[str | bool] = None,
+    cache_dir: Optional[str | os.PathLike] = None,
+    local_files_only: bool = False,
+) -> AdapterNotFoundError:
+    """Turn the huggingface_hub error behind a failed ``adapter_config.json`` lookup into an actionable one."""
+    at = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    file = f"{subfolder}/{CONFIG_NAME}" if subfolder else CONFIG_NAME
+    cause = _hub_cause(exc)
+    endpoint = constants.ENDPOINT
+    if isinstance(cause, HFValidationError):
+        return AdapterNotFoundError(f"{repo_id!r} is neither an existing directory nor a valid Hub repo id ({cause})")
+    if isinstance(cause, GatedRepoError):
+        return AdapterNotFoundError(
+            f"{repo_id!r} is a gated repo on {endpoint}: request access on its page, then log in "
+            "(`hf auth login`) or pass token=..."
+        )
+    if isinstance(cause, RepositoryNotFoundError):
+        return AdapterNotFoundError(
+            f"no model repo {repo_id!r} on {endpoint} (or no access to it): check the id; for a private repo "
+            "log in (`hf auth login`) or pass token=...; for a local adapter pass an existing directory"
+        )
+    if isinstance(cause, RevisionNotFoundError):
+        return AdapterNotFoundError(f"{repo_id!r} has no revision {revision!r} on {endpoint} (a branch, tag or commit)")
+    offline = local_files_only or constants.is_offline_mode()
+    if offline or isinstance(cause, LocalEntryNotFoundError):
+        return _explain_cache_miss(repo_id, file, subfolder, revision, cache_dir, offline)
+    if isinstance(cause, EntryNotFoundError):
+        files = _remote_files(repo_id, revision, token)
+        return AdapterNotFoundError(
+            f"{at} has no {file}: it is not a PEFT adapter" + (f" ({_describe(files)})" if files else "")
+            + _subfolder_hint(files, subfolder)
+        )
+    return AdapterNotFoundError(f"cannot fetch {file} of {at} from {endpoint}: {type(cause).__name__}: {cause}")
+
+
+def _explain_cache_miss(repo_id, file, subfolder, revision, cache_dir, offline) -> AdapterNotFoundError:
+    cache = os.fspath(cache_dir or constants.HF_HUB_CACHE)
+    why = "offline mode is on (HF_HUB_OFFLINE=1 or local_files_only=True)" if offline else "the Hub is unreachable"
+    repo_dir = os.path.join(cache, f"models--{repo_id.replace('/', '--')}")
+    if not os.path.isdir(repo_dir):
+        return AdapterNotFoundError(
+            f"{repo_id!r} is not in the local Hub cache {cache} and {why}: download it once online "
+            f"(`hf download {repo_id}`), or point HF_HUB_CACHE at the cache that has it"
+        )
+    refs_dir = os.path.join(repo_dir, "refs")
+    refs = sorted(
+        os.path.relpath(os.path.join(d, f), refs_dir) for d, _, fs in os.walk(refs_dir) for f in fs
+    ) if os.path.isdir(refs_dir) else []
+    snapshots_dir = os.path.join(repo_dir, "snapshots")
+    wanted = revision or "main"
+    commit = wanted if re.fullmatch(r"[0-9a-f]{40}", wanted) else None
+    if commit is None and wanted in refs:
+        with open(os.path.join(refs_dir, wanted), encoding="utf-8") as f:
+            commit = f.read().strip()
+    snapshot = os.path.join(snapshots_dir, commit) if commit else None
+    if snapshot is None or not os.path.isdir(snapshot):
+        return AdapterNotFoundError(
+            f"revision {wanted!r} of {repo_id!r} is not in the local Hub cache {cache} (cached: "
+            f"{', '.join(refs) or 'no named revision'}) and {why}"
+        )
+    files = _local_files(snapshot)
+    return AdapterNotFoundError(
+        f"the cached {repo_id!r} at revision {wanted!r} has no {file}: it is not a PEFT adapter ({_describe(files)})"
+        + _subfolder_hint(files, subfolder)
+    )
+
+
+def _hub_cause(exc: BaseException) -> BaseException:
+    """The first huggingface_hub error in the chain (PEFT re-raises them as a bare ValueError)."""
+    seen = set()
+    current: Optional[BaseException] = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (HFValidationError, EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)):
+            return current
+        if type(current).__module__.startswith("huggingface_hub"):
+            return current
+        current = current.__cause__ or current.__context__
+    return exc
+
+
+def _remote_files(repo_id: str, revision: Optional[str], token) -> list[str]:
+    try:
+        return HfApi().list_repo_files(repo_id, revision=revision, token=token)
+    except Exception:
+        return []
+
+
+def _local_files(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        return []
+    return sorted(
+        os.path.relpath(os.path.join(d, f), folder).replace(os.sep, "/")
+        for d, _, fs in os.walk(folder)
+        for f in fs
+    )
+
+
+def _listing(folder: str) -> str:
+    files = _local_files(folder)
+    return _describe(files) if files else "it is empty"
+
+
+def _describe(files: list[str]) -> str:
+    shown = ", ".join(files[:8]) + (f", … ({len(files)} files)" if len(files) > 8 else "")
+    hint = ""
+    if any(f.endswith((".pt", ".bin")) and "trainable_rows" in f for f in files):
+        hint = "; it looks like a legacy row checkpoint: convert it to an adapter first"
+    elif "config.json" in files and any(f.endswith((".safetensors", ".bin")) for f in files):
+        hint = "; it looks like a full model: pass it as the base model, not as the adapter"
+    return f"files: {shown}{hint}"
+
+
+def _subfolder_hint(files: list[str], subfolder: Optional[str]) -> str:
+    found = sorted({f.rsplit("/", 1)[0] for f in files if f.endswith(f"/{CONFIG_NAME}")} - {subfolder})
+    if not found:
+        return ""
+    return f"; adapters found in subfolders {found}: pass subfolder=..."
+
+
+def _looks_like_path(name: str) -> bool:
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "")
+
+
+# ---------------------------------------------------------------------- the base model
+def check_base_model(config: RowExtensionConfig, model: Any, *, adapter_hidden_size: Optional[int] = None) -> None:
+    """Check an adapter against the base it is loaded onto: raise on shapes, warn on names.
+
+    Raises `BaseModelMismatchError` when the adapter's rows have another hidden size than the base's input
+    embedding (``adapter_hidden_size``, from the saved rows) or the base has fewer embedding rows than the
+    token space's text vocabulary. Warns (`BaseModelMismatchWarning`) when the adapter records another base
+    name (``base_model_name_or_path``) than the model's ``name_or_path``; local copies and Hub cache paths of
+    the same repo count as the same name.
+    """
+    source = getattr(config, "weights_source", None)
+    adapter = f"adapter {source[0]!r}" if source else "the adapter"
+    made_for = config.base_model_name_or_path
+    base_name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    made_for_text = f" was made for {made_for!r}" if made_for else ""
+    base_text = f" ({base_name!r})" if base_name else ""
+    embedding = model.get_input_embeddings()
+    rows, hidden = embedding.weight.shape
+    if adapter_hidden_size is not None and adapter_hidden_size != hidden:
+        raise BaseModelMismatchError(
+            f"{adapter}{made_for_text} with hidden size {adapter_hidden_size}; the base model{base_text} has "
+            f"hidden size {hidden}: load it onto the base it was trained on"
+        )
+    if rows < config.text_vocab_size:
+        raise BaseModelMismatchError(
+            f"{adapter}{made_for_text}: its token space keeps {config.text_vocab_size} text rows but the base "
+            f"model{base_text} has only {rows} embedding rows: load it onto the base it was trained on"
+        )
+    if made_for and base_name and not same_model_name(made_for, base_name):
+        warnings.warn(
+            f"{adapter} was saved from base {made_for!r} but is being loaded onto {base_name!r}; the shapes fit, "
+            "but unless it is a copy of the same weights the text rows the adapter was trained with differ",
+            BaseModelMismatchWarning,
+            stacklevel=2,
+        )
+
+
+def same_model_name(a: str, b: str) -> bool:
+    """Whether two ``name_or_path`` values name the same model: equal ids, or a Hub cache snapshot path or a
+    local directory whose last component is the repo's name (``/models/Qwen3-8B`` ~ ``Qwen/Qwen3-8B``)."""
+    a, b = _canonical_name(a), _canonical_name(b)
+    if a == b:
+        return True
+    return a.rsplit("/", 1)[-1].lower() == b.rsplit("/", 1)[-1].lower()
+
+
+_CACHE_SNAPSHOT = re.compile(r"(?:^|/)models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+")
+
+
+def _canonical_name(name: str) -> str:
+    name = os.fspath(name).replace(os.sep, "/").rstrip("/")
+    match = _CACHE_SNAPSHOT.search(name)
+    if match:
+        return f"{match.group('org')}/{match.group('name')}"
+    return name
+
+
+# ---------------------------------------------------------------------- PEFT integration
+def _diagnosed(method, *, check_type: bool):
+    """Wrap a PEFT classmethod that reads ``adapter_config.json`` so that its bare "Can't find" error says why."""
+
+    @functools.wraps(method)
+    def wrapper(cls, model_id, *args, **kwargs):
+        try:
+            result = method(cls, model_id, *args, **kwargs)
+        except ValueError as exc:
+            if f"Can't find '{CONFIG_NAME}'" not in str(exc) or not isinstance(model_id, (str, os.PathLike)):
+                raise
+            hub_kwargs = dict(kwargs)
+            if args:
+                hub_kwargs.setdefault("subfolder", args[0])
+            try:
+                locate_adapter(os.fspath(model_id), **hub_kwargs)
+            except AdapterNotFoundError as explained:
+                raise explained from exc
+            raise
+        if check_type:
+            _check_known_peft_type(result, model_id)
+        return result
+
+    setattr(wrapper, _MARK, method)
+    return wrapper
+
+
+def _check_known_peft_type(peft_type: Any, model_id: Any) -> None:
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
+        return
+    if peft_type == "ROW_EXTENSION":  # only reachable if uti_peft was imported but not registered
+        hint = "call uti_peft.register()"
+    else:
+        hint = "upgrade peft, or install and import the package that defines it"
+    raise WrongAdapterTypeError(
+        f"{CONFIG_NAME} of {os.fspath(model_id)!r} has peft_type {peft_type!r}, which no installed PEFT method "
+        f"provides: {hint}"
+    )
+
+
+def _expect_row_extension(method):
+    """``RowExtensionConfig.from_pretrained`` of another adapter type would silently return that type's config."""
+
+    @functools.wraps(method)
+    def wrapper(cls, model_id, *args, **kwargs):
+        config = method(cls, model_id, *args, **kwargs)
+        if isinstance(cls, type) and issubclass(cls, RowExtensionConfig) and not isinstance(config, RowExtensionConfig):
+            raise WrongAdapterTypeError(
+                f"{os.fspath(model_id)!r} holds a {getattr(config.peft_type, 'value', config.peft_type)} adapter, "
+                "not a uti-peft ROW_EXTENSION adapter"
+            )
+        return config
+
+    return wrapper
+
+
+def _offline_subfolder_fix(load_peft_weights):
+    """PEFT 0.21's ``load_peft_weights`` in offline mode looks for ``<subfolder>/<subfolder>/adapter_model.*``
+    (it joins the subfolder into the file name *and* passes ``subfolder=``), so a cached adapter in a
+    subfolder never loads offline. Resolve the file from the cache here and hand PEFT its directory."""
+
+    @functools.wraps(load_peft_weights)
+    def wrapper(model_id, device=None, key_mapping=None, **hf_hub_download_kwargs):
+        subfolder = hf_hub_download_kwargs.get("subfolder")
+        local = os.path.join(model_id, subfolder) if subfolder else model_id
+        if subfolder and constants.is_offline_mode() and not os.path.isdir(local):
+            from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
+            from peft.utils.constants import WEIGHTS_NAME as PICKLE_WEIGHTS_NAME
+
+            kwargs = {k: v for k, v in hf_hub_download_kwargs.items() if k not in ("local_files_only", "user_agent")}
+            for name in (SAFETENSORS_WEIGHTS_NAME, PICKLE_WEIGHTS_NAME):
+                try:
+                    found = hf_hub_download(model_id, name, local_files_only=True, **kwargs)
+                except LocalEntryNotFoundError:
+                    continue
+                return load_peft_weights(os.path.dirname(found), device=device, key_mapping=key_mapping)
+        return load_peft_weights(model_id, device=device, key_mapping=key_mapping, **hf_hub_download_kwargs)
+
+    setattr(wrapper, _MARK, load_peft_weights)
+    return wrapper
+
+
+def _install_offline_subfolder_fix() -> None:
+    import sys
+
+    from peft.utils import save_and_load
+
+    original = save_and_load.load_peft_weights
+    if hasattr(original, _MARK):
+        return
+    wrapped = _offline_subfolder_fix(original)
+    for name, module in list(sys.modules.items()):
+        if name == "peft" or name.startswith(("peft.", "uti_peft.")):
+            if getattr(module, "load_peft_weights", None) is original:
+                setattr(module, "load_peft_weights", wrapped)
+
+
+def install() -> None:
+    """Idempotently install `PeftModel.push_to_hub` for row-extension models, the load diagnostics and the
+    offline-subfolder fix of PEFT's ``load_peft_weights``."""
+    from peft import PeftModel
+    from peft.config import PeftConfigMixin
+
+    _install_offline_subfolder_fix()
+
+    if not hasattr(PeftModel.push_to_hub, _MARK):
+        original_push = PeftModel.push_to_hub
+
+        @functools.wraps(original_push)
+        def push_to_hub(self, repo_id: str, *args, **kwargs):
+            return _push_to_hub(original_push, self, repo_id, *args, **kwargs)
+
+        setattr(push_to_hub, _MARK, original_push)
+        PeftModel.push_to_hub = push_to_hub
+
+    get_type = PeftConfigMixin.__dict__["_get_peft_type"].__func__
+    if not hasattr(get_type, _MARK):
+        PeftConfigMixin._get_peft_type = classmethod(_diagnosed(get_type, check_type=True))
+    from_pretrained = PeftConfigMixin.__dict__["from_pretrained"].__func__
+    if not hasattr(from_pretrained, _MARK):
+        wrapped = _expect_row_extension(_diagnosed(from_pretrained, check_type=False))
+        setattr(wrapped, _MARK, from_pretrained)
+        PeftConfigMixin.from_pretrained = classmethod(wrapped)
+
+
+# ---------------------------------------------------------------------- CLI
+def _run_push(args: argparse.Namespace) -> int:
+    info = push_adapter(
+        args.adapter_dir,
+        args.repo_id,
+        private=True if args.private else None,
+        revision=args.revision,
+        commit_message=args.commit_message,
+    )
+    print(f"pushed {', '.join(ADAPTER_FILES)} to {info.repo_url.repo_id if info.repo_url else args.repo_id}"
+          f"{'@' + args.revision if args.revision else ''}: {info.commit_url}")
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "push",
+        help="upload a saved adapter directory to the Hugging Face Hub",
+        description="Upload ADAPTER_DIR's adapter_config.json, adapter_model.safetensors, token_space.json and "
+        "README.md (the model card; rendered if the directory has none of ours) in one commit.",
+    )
+    parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="directory written by save_pretrained")
+    parser.add_argument("repo_id", metavar="REPO_ID", help="target repo, e.g. org/name (created if missing)")
+    parser.add_argument("--private", action="store_true", help="create the repo private (if it does not exist)")
+    parser.add_argument("--revision", help="branch to commit to (created from main if missing)")
+    parser.add_argument("--commit-message", help=f"commit message (default: {DEFAULT_COMMIT_MESSAGE!r})")
+    parser.set_defaults(run=_run_push)
+
+
+def _safetensors_header(path: str) -> dict[str, Any]:
+    import struct
+
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise RowExtensionError(f"{path}: not a safetensors file (truncated header)")
+        (length,) = struct.unpack("<Q", raw)
+        size = os.path.getsize(path)
+        if length > size - 8:
+            raise RowExtensionError(f"{path}: not a safetensors file (header length {length} > file size {size})")
+        header = json.loads(f.read(length))
+    data = sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items() if k != "__metadata__")
+    if 8 + length + data != size:
+        raise RowExtensionError(f"{path}: {size} bytes but header and tensors account for {8 + length + data}")
+    return header
+
+
+install()
