@@ -29,18 +29,18 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Union
 
 import torch
+from peft.utils import CONFIG_NAME as ADAPTER_CONFIG_NAME
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .card import CARD_NAME
 from .config import TOKEN_SPACE_NAME, RowExtensionConfig
 from .model import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
-from .token_space import TokenSpace
+from .token_space import TokenSpace, is_plain_int
 
 LEGACY_PT_NAME = "trainable_rows.pt"
 LEGACY_JSON_NAME = "trainable_rows.json"
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-CARD_NAME = "README.md"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 PT_FIELDS = ("row_start", "row_end", "base_llm", "embeddings", "lm_head", "dtype")
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -131,10 +131,6 @@ def _read_json(path: str, what: str) -> dict[str, Any]:
     return data
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _dtype_name(dtype: Union[torch.dtype, str]) -> str:
     """``torch.bfloat16`` / ``"torch.bfloat16"`` / ``"bfloat16"`` -> ``"bfloat16"``."""
     return str(dtype).removeprefix("torch.")
@@ -151,7 +147,7 @@ def _validate_pt(obj: Any, pt_path: str) -> LegacyCheckpoint:
         warnings.warn(f"{pt_path}: ignoring unknown field(s) {unknown}")
     row_start, row_end, base_llm = obj["row_start"], obj["row_end"], obj["base_llm"]
     for key in ("row_start", "row_end"):
-        if not _is_int(obj[key]) or obj[key] < 0:
+        if not is_plain_int(obj[key]) or obj[key] < 0:
             raise LegacyCheckpointError(f"{pt_path}: {key} must be a non-negative integer, found {obj[key]!r}")
     if row_end <= row_start:
         raise LegacyCheckpointError(f"{pt_path}: row_end {row_end} must be greater than row_start {row_start}")
@@ -702,7 +698,7 @@ def _inspect_adapter(adapter_dir: str) -> dict[str, Any]:
         "file_bytes": os.path.getsize(weights_path) if os.path.isfile(weights_path) else None,
         "base_model": raw.get("base_model_name_or_path"),
         "row_range": f"[{text}, {total})",
-        "new_rows": total - text if _is_int(text) and _is_int(total) else None,
+        "new_rows": total - text if is_plain_int(text) and is_plain_int(total) else None,
         "hidden_size": hidden,
         "dtype": dtype,
         "lm_head_rows": OUTPUT_ROWS_KEY in tensors,

@@ -202,14 +202,14 @@ class TokenSpace:
             if key not in data:
                 raise TokenSpaceError(f"{src}: missing field {key!r}")
         for key in ("text_vocab_size", "vocab_size_total"):
-            if not _is_int(data[key]) or data[key] <= 0:
+            if not is_plain_int(data[key]) or data[key] <= 0:
                 raise TokenSpaceError(f"{src}: {key} must be a positive integer, found {data[key]!r}")
         if not isinstance(data["ranges"], dict) or not data["ranges"]:
             raise TokenSpaceError(f"{src}: ranges must be a non-empty object, found {data['ranges']!r}")
 
         for name, r in data["ranges"].items():
             for key in ("start", "end", "size"):
-                if not isinstance(r, dict) or not _is_int(r.get(key)):
+                if not isinstance(r, dict) or not is_plain_int(r.get(key)):
                     raise TokenSpaceError(f"{src}: ranges.{name}.{key} must be an integer, found {r!r}")
             if r["start"] < 0 or r["end"] < r["start"]:
                 raise TokenSpaceError(f"{src}: ranges.{name} has start {r['start']} and end {r['end']}")
@@ -270,7 +270,7 @@ class TokenSpace:
     def _validate_codebooks(self, ranges: dict[str, TokenRange]) -> None:
         src = self.source
         image_cfg = self._data.get("image_tokenizer") or {}
-        if "IMAGE" in ranges and _is_int(image_cfg.get("codebook_size")):
+        if "IMAGE" in ranges and is_plain_int(image_cfg.get("codebook_size")):
             if image_cfg["codebook_size"] != ranges["IMAGE"].size:
                 raise TokenSpaceError(
                     f"{src}: image_tokenizer.codebook_size is {image_cfg['codebook_size']} "
@@ -281,7 +281,7 @@ class TokenSpace:
         if not codec or not blocks:
             return
         n_codebooks = codec.get("n_codebooks")
-        if _is_int(n_codebooks) and n_codebooks != len(blocks):
+        if is_plain_int(n_codebooks) and n_codebooks != len(blocks):
             raise TokenSpaceError(
                 f"{src}: audio_codec.n_codebooks is {n_codebooks} but there are {len(blocks)} AUDIO_CB ranges"
             )
@@ -290,13 +290,14 @@ class TokenSpace:
             raise TokenSpaceError(f"{src}: AUDIO_CB ranges must be numbered 0..{len(blocks) - 1}, found {indices}")
         codebook_size = codec.get("codebook_size")
         for _, name, r in blocks:
-            if _is_int(codebook_size) and r.size != codebook_size:
+            if is_plain_int(codebook_size) and r.size != codebook_size:
                 raise TokenSpaceError(
                     f"{src}: ranges.{name}.size is {r.size} but audio_codec.codebook_size is {codebook_size}"
                 )
 
 
-def _is_int(value: object) -> bool:
+def is_plain_int(value: object) -> bool:
+    """An int that is not a bool (JSON integers only)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
