@@ -250,3 +250,25 @@ def test_cli_without_a_token_space_says_how_to_pass_one(model, tmp_path):
     args = parse_eval(["--base", str(base), "--data", str(data), "--token-space", str(tmp_path / "ts.json")])
     TS.save(tmp_path / "ts.json")
     assert args.run(args) == 0
+
+
+def test_cli_evaluates_base_plus_adapter_like_the_legacy_model(tmp_path):
+    from peft import get_peft_model
+
+    import uti_peft
+    from uti_peft.cli import main
+
+    from conftest import legacy_model_for
+
+    build_tiny_qwen3().save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(build_tiny_qwen3(), uti_peft.RowExtensionConfig(token_space=TS))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    data, out = tmp_path / "data.jsonl", tmp_path / "report.json"
+    examples = make_examples()
+    write_jsonl(data, examples)
+
+    argv = ["eval", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--data", str(data),
+            "--batch-size", "4", "--max-seq-len", "24", "--out", str(out)]
+    assert main(argv) == 0
+    legacy = legacy_model_for(tmp_path / "adapter", TS)
+    assert_numbers_match(json.loads(out.read_text()), expected_report(legacy, examples, 24, "left"))
