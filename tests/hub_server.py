@@ -201,6 +201,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "RepoNotFound", f"Repository not found: {repo_id}")
         return repo
 
+    def _resolved_commit(self, repo_id: str, revision: str) -> Optional[Commit]:
+        """The commit a revision names, or None after answering 404 (unknown repo or revision)."""
+        repo = self._repo(repo_id)
+        if repo is None:
+            return None
+        commit = repo.resolve(revision)
+        if commit is None:
+            self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+        return commit
+
     # ------------------------------------------------------------------ routes
     def _route(self, parts: list[str], body: bytes) -> None:
         method = self.command
@@ -261,30 +271,24 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(400 if errors else 200, {"errors": errors, "warnings": []})
 
     def _model_info(self, repo_id: str, revision: str) -> None:
-        repo = self._repo(repo_id)
-        if repo is None:
-            return
-        commit = repo.resolve(revision)
+        commit = self._resolved_commit(repo_id, revision)
         if commit is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+            return
         self._send(
             200,
             {
                 "id": repo_id,
                 "modelId": repo_id,
                 "sha": commit.oid,
-                "private": repo.private,
+                "private": self.state.repos[repo_id].private,
                 "siblings": [{"rfilename": p} for p in sorted(commit.files)],
             },
         )
 
     def _tree(self, repo_id: str, revision: str, path: str) -> None:
-        repo = self._repo(repo_id)
-        if repo is None:
-            return
-        commit = repo.resolve(revision)
+        commit = self._resolved_commit(repo_id, revision)
         if commit is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+            return
         prefix = f"{path.rstrip('/')}/" if path else ""
         recursive = self.query.get("recursive", ["false"])[0].lower() in ("1", "true")
         entries: dict[str, dict] = {}
@@ -385,12 +389,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {})
 
     def _resolve(self, repo_id: str, revision: str, path: str) -> None:
-        repo = self._repo(repo_id)
-        if repo is None:
-            return
-        commit = repo.resolve(revision)
+        commit = self._resolved_commit(repo_id, revision)
         if commit is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+            return
         if path not in commit.files:
             return self._error(404, "EntryNotFound", f"{path} does not exist on {revision}")
         content = commit.files[path]

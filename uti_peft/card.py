@@ -21,8 +21,10 @@ from typing import Any, Optional
 
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from tqdm.auto import tqdm
 
 from .config import RowExtensionConfig
+from .model import RowExtensionError
 from .token_space import TokenSpace
 
 CARD_NAME = "README.md"
@@ -139,19 +141,42 @@ def card_facts(card: ModelCard) -> dict[str, Any]:
     return dict(facts) if isinstance(facts, dict) else {}
 
 
-def rows_bytes_of_file(path: str | os.PathLike) -> int:
-    """Bytes of tensor data in a safetensors file (the rows), read from its header without loading it."""
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of a safetensors file, checked to account for every byte of the file."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise RowExtensionError(f"{path}: not a safetensors file (truncated header)")
+        (length,) = struct.unpack("<Q", raw)
+        if length > size - 8:
+            raise RowExtensionError(f"{path}: not a safetensors file (header length {length} > file size {size})")
+        header = json.loads(f.read(length))
+    data = _tensor_bytes(header)
+    if 8 + length + data != size:
+        raise RowExtensionError(f"{path}: {size} bytes but header and tensors account for {8 + length + data}")
+    return header
+
+
+def _tensor_bytes(header: dict[str, Any]) -> int:
     return sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items() if k != "__metadata__")
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def rows_bytes_of_file(path: str | os.PathLike) -> int:
+    """Bytes of tensor data in a safetensors file (the rows), read from its header without loading it."""
+    return _tensor_bytes(read_safetensors_header(path))
+
+
+def file_sha256(path: str | os.PathLike, *, progress: Optional[bool] = False) -> str:
+    """sha256 of a file's bytes, streamed; ``progress=None`` shows a bar on a terminal only."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+    bar = tqdm(total=os.path.getsize(path), desc=f"reading {os.path.basename(path)}", unit="B", unit_scale=True,
+               disable=None if progress is None else not progress)
+    with open(path, "rb") as f, bar:
+        for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
+            bar.update(len(block))
     return digest.hexdigest()
 
 

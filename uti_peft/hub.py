@@ -6,7 +6,7 @@ A pushed repo holds exactly what a saved adapter directory holds: ``adapter_conf
 ``PeftModel.from_pretrained(base, "org/name", revision=..., subfolder=...)`` and
 ``AutoPeftModelForCausalLM.from_pretrained("org/name")`` resolve the repo with huggingface_hub.
 
-`install` (run when this module is imported) adapts PEFT where it has no hook:
+`install` (run by `uti_peft.registration.register` at `import uti_peft`) adapts PEFT where it has no hook:
 
 * ``PeftModel.push_to_hub``, for models carrying a row-extension adapter, uploads those four files in one
   commit. (transformers' generic ``push_to_hub``, which PEFT inherits, replaces the saved ``README.md`` by
@@ -39,7 +39,15 @@ from huggingface_hub.errors import (
 )
 from peft.utils import CONFIG_NAME, PeftType
 
-from .card import CARD_NAME, METADATA_KEY, card_facts, file_sha256, render_model_card, rows_bytes_of_file
+from .card import (
+    CARD_NAME,
+    METADATA_KEY,
+    card_facts,
+    file_sha256,
+    read_safetensors_header,
+    render_model_card,
+    rows_bytes_of_file,
+)
 from .config import TOKEN_SPACE_NAME, RowExtensionConfig
 from .model import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME, RowExtensionError
 from .token_space import TokenSpace, TokenSpaceError
@@ -102,7 +110,7 @@ def check_adapter_folder(path: str | os.PathLike) -> AdapterFolder:
             f"{path}: {TOKEN_SPACE_NAME} (sha256 {space.sha256()[:12]}…) differs from the token space in "
             f"{CONFIG_NAME} (sha256 {config.token_space_sha256[:12]}…)"
         )
-    header = _safetensors_header(os.path.join(path, WEIGHTS_NAME))
+    header = read_safetensors_header(os.path.join(path, WEIGHTS_NAME))
     tensors = tuple(sorted(k for k in header if k != "__metadata__"))
     where = os.path.join(path, WEIGHTS_NAME)
     unknown = sorted(set(tensors) - {INPUT_ROWS_KEY, OUTPUT_ROWS_KEY})
@@ -597,24 +605,3 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--revision", help="branch to commit to (created from main if missing)")
     parser.add_argument("--commit-message", help=f"commit message (default: {DEFAULT_COMMIT_MESSAGE!r})")
     parser.set_defaults(run=_run_push)
-
-
-def _safetensors_header(path: str) -> dict[str, Any]:
-    import struct
-
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise RowExtensionError(f"{path}: not a safetensors file (truncated header)")
-        (length,) = struct.unpack("<Q", raw)
-        size = os.path.getsize(path)
-        if length > size - 8:
-            raise RowExtensionError(f"{path}: not a safetensors file (header length {length} > file size {size})")
-        header = json.loads(f.read(length))
-    data = sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items() if k != "__metadata__")
-    if 8 + length + data != size:
-        raise RowExtensionError(f"{path}: {size} bytes but header and tensors account for {8 + length + data}")
-    return header
-
-
-install()

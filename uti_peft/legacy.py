@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
-import hashlib
 import json
 import os
 import pickle
@@ -34,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .card import CARD_NAME
+from .card import CARD_NAME, file_sha256
 from .config import TOKEN_SPACE_NAME, RowExtensionConfig
 from .model import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
 from .token_space import TokenSpace, is_plain_int
@@ -287,16 +286,6 @@ def read_legacy(checkpoint: PathLike) -> LegacyCheckpoint:
     return ckpt
 
 
-def _sha256(path: str, progress: Optional[bool]) -> str:
-    digest = hashlib.sha256()
-    size = os.path.getsize(path)
-    with open(path, "rb") as f, _bar(size, f"reading {os.path.basename(path)}", progress) as bar:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-            bar.update(len(chunk))
-    return digest.hexdigest()
-
-
 def _bar(total: int, desc: str, progress: Optional[bool]) -> tqdm:
     """A byte progress bar; ``progress=None`` shows it on a terminal only."""
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=None if progress is None else not progress)
@@ -426,7 +415,7 @@ def convert_legacy(
             "(token_space=...), e.g. outputs/stage3_token_lm/token_space.json"
         )
     report, report_path = _read_eval_report(eval_report)
-    sha256 = _sha256(pt_path, progress)
+    sha256 = file_sha256(pt_path, progress=progress)
     ckpt = read_legacy(pt_path)
     _check_token_space(ckpt, space)
 
