@@ -192,6 +192,20 @@ def test_push_to_a_branch_then_load_by_id_with_revision_and_subfolder(online, sa
         PeftModel.from_pretrained(build_tiny_qwen3(), "org/push-rev")  # main has no adapter
 
 
+def test_push_of_rows_plus_lora_uploads_both_and_loads_by_id_in_one_call(online, saved):
+    online.commit(BASE_ID, {p: f.read_bytes() for p, f in folder_files(saved["base"]).items()})
+    model = adapter_model(0.3)
+    uti_peft.add_lora(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.push_to_hub("org/rows-lora", revision="dev")
+
+    commit = online.commits_of("org/rows-lora")[-1]
+    assert set(commit.added) == {*ADAPTER_FILES, "lora/adapter_config.json", "lora/adapter_model.safetensors"}
+    assert card_facts(ModelCard(commit.added["README.md"].decode()))["lora_adapter"] == "lora"
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_ID), "org/rows-lora", revision="dev")
+    assert set(loaded.peft_config) == {"default", "lora"}
+    assert torch.equal(logits(loaded), logits(model))
+
+
 def test_cli_push_uploads_the_directory(online, saved, tmp_path, capsys):
     rc = cli.main(
         ["push", str(saved["v1"]), "org/cli-push", "--private", "--revision", "dev", "--commit-message", "From CLI"]

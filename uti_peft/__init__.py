@@ -7,6 +7,7 @@
 from .config import RowExtensionConfig
 from .layer import RowExtensionEmbedding, RowExtensionLayer, RowExtensionLinear
 from .legacy import convert_legacy, export_legacy
+from .lora import add_lora
 from .model import RowExtensionError, RowExtensionModel
 from .registration import register
 from .token_space import TokenRange, TokenSpace, TokenSpaceError
@@ -25,6 +26,7 @@ __all__ = [
     "TokenRange",
     "TokenSpace",
     "TokenSpaceError",
+    "add_lora",
     "convert_legacy",
     "export_legacy",
     "register",

@@ -40,6 +40,7 @@ _PROVENANCE_LABELS = {
     "row_start": "Row start",
     "row_end": "Row end",
     "dtype": "Dtype",
+    "source_lora": "Source LoRA",
 }
 
 
@@ -88,6 +89,8 @@ def render_model_card(
         "token_space_sha256": config.token_space_sha256,
         "modalities": modality_tags,
     }
+    if config.lora_adapter:
+        facts["lora_adapter"] = config.lora_adapter
     if provenance:
         facts["provenance"] = provenance
     if eval_report:
@@ -123,6 +126,7 @@ def render_model_card(
             if config.head_rows == "trained"
             else "not stored: on an untied base the mean of the head's text rows; a tied base shares the input rows"
         ),
+        lora_adapter=config.lora_adapter,
         eval_metrics=eval_metrics,
         eval_rows=eval_rows,
         eval_facts=eval_facts,

@@ -20,6 +20,14 @@ INIT_STRATEGIES = ("mean_noise", "mean")
 HEAD_ROW_MODES = ("trained", "mean")
 
 
+def check_lora_adapter_name(name: str) -> None:
+    """A LoRA companion's name is a module-dict key and a sub-directory: one plain path component."""
+    if not isinstance(name, str) or not name or name == "default" or any(c in name for c in "./\\"):
+        raise ValueError(
+            f"lora_adapter is {name!r}; expected a plain name (no '.', '/' or backslash, not 'default'), e.g. 'lora'"
+        )
+
+
 @dataclass
 class RowExtensionConfig(PeftConfig):
     """Configuration of a row-extension adapter.
@@ -34,6 +42,8 @@ class RowExtensionConfig(PeftConfig):
         head_rows: ``"trained"`` (default): the lm_head has its own trained rows (or, on a tied model,
             shares the input rows). ``"mean"``: the adapter carries no head rows; the head's new rows are
             the mean of its text rows (what converted legacy checkpoints without an ``lm_head`` get).
+        lora_adapter: Name of a LoRA adapter trained together with the rows (set by `uti_peft.add_lora`). It is
+            saved as a standard PEFT LoRA adapter in the sub-directory of that name and loaded with the rows.
         text_vocab_size, vocab_size, pad_token_id, token_space_sha256: derived from the token space;
             when given (e.g. read back from disk) they must agree with it.
     """
@@ -51,6 +61,9 @@ class RowExtensionConfig(PeftConfig):
     init_rows: str = field(default="mean_noise", metadata={"help": f"One of {INIT_STRATEGIES}."})
     init_noise_factor: float = field(default=0.02, metadata={"help": "Noise scale for init_rows='mean_noise'."})
     head_rows: str = field(default="trained", metadata={"help": f"One of {HEAD_ROW_MODES}."})
+    lora_adapter: Optional[str] = field(
+        default=None, metadata={"help": "Sub-directory (and adapter name) of a LoRA adapter saved with the rows."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,6 +91,8 @@ class RowExtensionConfig(PeftConfig):
             raise ValueError(f"init_rows is {self.init_rows!r}; expected one of {INIT_STRATEGIES}")
         if self.head_rows not in HEAD_ROW_MODES:
             raise ValueError(f"head_rows is {self.head_rows!r}; expected one of {HEAD_ROW_MODES}")
+        if self.lora_adapter is not None:
+            check_lora_adapter_name(self.lora_adapter)
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
 

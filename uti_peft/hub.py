@@ -101,7 +101,7 @@ def check_adapter_folder(path: str | os.PathLike) -> AdapterFolder:
         peft_type = json.load(f).get("peft_type")
     check_peft_type(peft_type, where=config_file)
     config = RowExtensionConfig.from_pretrained(path)
-    for name in (WEIGHTS_NAME, TOKEN_SPACE_NAME):
+    for name in (WEIGHTS_NAME, TOKEN_SPACE_NAME, *_lora_files(config)):
         if not os.path.isfile(os.path.join(path, name)):
             raise AdapterNotFoundError(f"{path!r} has no {name} ({_listing(path)})")
     space = TokenSpace.from_file(os.path.join(path, TOKEN_SPACE_NAME))
@@ -132,6 +132,13 @@ def check_adapter_folder(path: str | os.PathLike) -> AdapterFolder:
     return AdapterFolder(path, config, rows_bytes_of_file(where), hidden_sizes.pop(), tensors)
 
 
+def _lora_files(config: RowExtensionConfig) -> tuple[str, ...]:
+    """The files of the LoRA adapter saved with the rows (``lora/…``), if the adapter has one."""
+    if not config.lora_adapter:
+        return ()
+    return tuple(f"{config.lora_adapter}/{name}" for name in (CONFIG_NAME, WEIGHTS_NAME))
+
+
 def check_peft_type(peft_type: Any, *, where: str) -> None:
     """Raise `WrongAdapterTypeError` unless ``peft_type`` is ``ROW_EXTENSION``."""
     if str(getattr(peft_type, "value", peft_type)) != PeftType.ROW_EXTENSION.value:
@@ -156,7 +163,8 @@ def push_adapter(
     tags: Optional[list[str]] = None,
     api: Optional[HfApi] = None,
 ) -> CommitInfo:
-    """Upload the adapter in ``folder`` to ``repo_id`` in one commit: exactly `ADAPTER_FILES`.
+    """Upload the adapter in ``folder`` to ``repo_id`` in one commit: exactly `ADAPTER_FILES` (and the two
+    files of its LoRA adapter, if it has one).
 
     The repo is created if needed (``private`` applies only then), and so is the branch ``revision``. The
     folder's ``README.md`` is uploaded when it is a uti-peft card of these weights (its recorded sha256);
@@ -174,7 +182,7 @@ def push_adapter(
     prefix = f"{path_in_repo.strip('/')}/" if path_in_repo.strip("/") else ""
     operations = [
         CommitOperationAdd(path_in_repo=prefix + name, path_or_fileobj=os.path.join(adapter.path, name))
-        for name in ADAPTER_FILES
+        for name in (*ADAPTER_FILES, *_lora_files(adapter.config))
         if name != CARD_NAME
     ]
     operations.append(CommitOperationAdd(path_in_repo=prefix + CARD_NAME, path_or_fileobj=str(card).encode("utf-8")))
@@ -218,7 +226,8 @@ def _push_to_hub(original, self, repo_id: str, *args, **kwargs):
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise TypeError(f"push_to_hub() got unexpected keyword arguments {unknown}")
-    (adapter_name,) = list(self.peft_config)  # the tuner allows one row-extension adapter per model
+    # the tuner allows one row-extension adapter per model (plus, under "default", its LoRA: uti_peft.lora)
+    adapter_name = next(name for name, c in self.peft_config.items() if isinstance(c, RowExtensionConfig))
     with tempfile.TemporaryDirectory(prefix="uti-peft-push-") as tmp:
         self.save_pretrained(tmp)
         folder = tmp if adapter_name == "default" else os.path.join(tmp, adapter_name)

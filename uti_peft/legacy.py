@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .card import CARD_NAME, file_sha256
 from .config import TOKEN_SPACE_NAME, RowExtensionConfig
+from .lora import LORA_ADAPTER_NAME, read_legacy_lora, write_lora
 from .model import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
 from .token_space import TokenSpace, is_plain_int
 
@@ -383,6 +384,7 @@ def convert_legacy(
     overwrite: bool = False,
     allow_nonfinite: bool = False,
     progress: Optional[bool] = None,
+    lora_dir: Optional[PathLike] = None,
 ) -> str:
     """Convert a legacy ``trainable_rows.pt`` checkpoint into a row-extension PEFT adapter directory.
 
@@ -399,6 +401,8 @@ def convert_legacy(
         overwrite: Replace an existing output directory (one that is empty or holds an adapter).
         allow_nonfinite: Convert rows holding NaN/Inf instead of refusing them.
         progress: Progress bars: ``None`` on a terminal only, ``True``/``False`` always/never.
+        lora_dir: A Stage-4 PEFT LoRA directory trained on the legacy (resized) model: it is stored as the
+            adapter's LoRA (``lora/``) and loads with the rows (see `uti_peft.lora`).
 
     Returns:
         The absolute path of the adapter directory. Raises `LegacyCheckpointError` (a ``ValueError``), or
@@ -433,10 +437,14 @@ def convert_legacy(
             what = f"{names[key]} cast to {_dtype_name(out_dtype)}"
             _check_finite(what, tensor, ckpt.row_start, pt_path, allow_nonfinite)
 
+    lora = None
+    if lora_dir is not None:
+        lora = read_legacy_lora(os.fspath(lora_dir), list(rows.values()), space.text_vocab_size)
     config = RowExtensionConfig(
         token_space=space,
         base_model_name_or_path=base_model or ckpt.base_llm,
         head_rows="trained" if ckpt.lm_head is not None else "mean",
+        lora_adapter=LORA_ADAPTER_NAME if lora else None,
     )
     rows_bytes = sum(t.numel() * t.element_size() for t in rows.values())
     provenance = {
@@ -453,6 +461,8 @@ def convert_legacy(
         provenance["source_base_llm"] = ckpt.base_llm
     if report_path:
         provenance["eval_report"] = report_path
+    if lora_dir is not None:
+        provenance["source_lora"] = os.path.normpath(os.fspath(lora_dir))
 
     from .card import write_model_card
 
@@ -462,6 +472,8 @@ def convert_legacy(
         with _bar(rows_bytes, f"writing {WEIGHTS_NAME}", progress) as bar:
             save_file(rows, weights_path, metadata={"format": "pt"})
             _verify_written(load_file(weights_path), rows, weights_path, bar)
+        if lora:
+            write_lora(os.path.join(tmp, LORA_ADAPTER_NAME), *lora)
         # the card (README.md) records the rows' size and sha256, the provenance and the eval numbers
         write_model_card(tmp, config, provenance=provenance, eval_report=report, carry_over=False)
     return target
@@ -708,6 +720,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         eval_report=args.eval_report,
         overwrite=args.overwrite,
         allow_nonfinite=args.allow_nonfinite,
+        lora_dir=args.lora,
     )
     info = _inspect_adapter(out)
     print(f"wrote {out}: {info['new_rows']} new rows x {info['hidden_size']} ({info['dtype']}), "
@@ -757,6 +770,9 @@ def add_cli(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -
     convert.add_argument("--eval-report", metavar="PATH", help="eval JSON (loss_mean, counts) for the model card")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     convert.add_argument("--allow-nonfinite", action="store_true", help="convert rows holding NaN/Inf")
+    convert.add_argument(
+        "--lora", metavar="LORA_DIR", help="Stage-4 PEFT LoRA directory trained on the resized model: stored as lora/"
+    )
     convert.set_defaults(run=_run_convert)
 
     export = subparsers.add_parser(

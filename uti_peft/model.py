@@ -44,6 +44,7 @@ class _Plan:
     input_rows: torch.Tensor
     output_rows: Optional[torch.Tensor]  # None: tied, or no head
     output_trained: bool  # False: the head's rows are derived (mean of its text rows), not trained
+    lora: Optional[tuple]  # (LoraConfig, weights) of the LoRA saved with the rows, read by `uti_peft.lora.read_lora`
 
 
 class RowExtensionModel(BaseTuner):
@@ -86,7 +87,7 @@ class RowExtensionModel(BaseTuner):
             raise RowExtensionError(
                 f"the model already carries a row-extension adapter (on {existing}); cannot add {adapter_name!r}"
             )
-        self._plan = _plan_injection(model, config)
+        self._plan = plan = _plan_injection(model, config)
         try:
             super().inject_adapter(
                 model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict
@@ -97,6 +98,10 @@ class RowExtensionModel(BaseTuner):
         self._original_config = (text_config.vocab_size, model.config.pad_token_id)
         text_config.vocab_size = config.vocab_size
         model.config.pad_token_id = config.pad_token_id
+        if plan.lora is not None:
+            from .lora import load_lora
+
+            load_lora(self, *plan.lora, config.lora_adapter, inference_mode=config.inference_mode)
 
     def _create_and_replace(
         self,
@@ -224,6 +229,16 @@ def _plan_injection(model: nn.Module, config: RowExtensionConfig) -> _Plan:
 
     source = getattr(config, "weights_source", None)
     saved = _load_saved_rows(source, input_module.weight) if source else {}
+    lora = None
+    if config.lora_adapter is not None:
+        if not source:
+            raise RowExtensionError(
+                f"the config names LoRA adapter {config.lora_adapter!r} but was not read from a saved adapter; "
+                "load with PeftModel.from_pretrained, or add a new LoRA with uti_peft.add_lora"
+            )
+        from .lora import read_lora
+
+        lora = read_lora(source, config.lora_adapter, model, input_module.weight.device)
     if source:
         from .hub import check_base_model
 
@@ -263,7 +278,7 @@ def _plan_injection(model: nn.Module, config: RowExtensionConfig) -> _Plan:
             )
         else:
             output_rows = _init_rows(output_module.weight, config)
-    return _Plan(input_module, output_module, tied, input_rows, output_rows, output_trained)
+    return _Plan(input_module, output_module, tied, input_rows, output_rows, output_trained, lora)
 
 
 def _load_saved_rows(source: tuple[str, dict], like: torch.Tensor) -> dict[str, torch.Tensor]:
