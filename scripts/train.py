@@ -1,0 +1,14 @@
+"""Train a row-extension adapter (optionally with LoRA) on tokenized JSONL; the same as ``uti-peft train``.
+
+    python scripts/train.py --tiny --data train.jsonl --output-dir out --max-steps 10
+    accelerate launch --num_processes 2 scripts/train.py --base Qwen/Qwen3-8B-Base --token-space token_space.json ...
+
+All the logic lives in `uti_peft.training`; ``--help`` lists the options.
+"""
+
+import sys
+
+from uti_peft.training import main
+
+if __name__ == "__main__":
+    sys.exit(main())

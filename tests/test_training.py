@@ -1,0 +1,269 @@
+"""uti_peft.training (``uti-peft train`` / scripts/train.py) on the tiny Qwen3: what is trained, what is not,
+per-kind learning rates, per-task logs, bf16 + checkpointing + accumulation, resuming, and data-parallel
+training under ``accelerate launch`` (2 CPU processes, gloo) against one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from uti_peft.cli import build_parser
+from uti_peft.evaluation import evaluate
+from uti_peft.model import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
+from uti_peft.tiny import build_tiny_qwen3, tiny_token_space
+from uti_peft.training import build_model, load_base, parameter_groups, train
+
+from conftest import TEXT_VOCAB
+from test_evaluation import make_examples, write_jsonl
+
+TS = tiny_token_space()
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LORA = ["--lora-r", "4", "--lora-dropout", "0"]
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return make_examples()  # 10 examples of 3 tasks, lengths 13..46, some with prompt-masked labels
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory, examples):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    write_jsonl(path, examples)
+    return path
+
+
+def parse(*argv):
+    return build_parser().parse_args(["train", *map(str, argv)])
+
+
+def run(data_file, output_dir, *extra, tied=False):
+    """Train in this process: tiny Qwen3, lr 1e-2, log every step, no periodic checkpoint unless asked."""
+    args = parse("--tiny", "tied" if tied else "untied", "--data", data_file, "--output-dir", output_dir, "--cpu",
+                 "--no-progress", "--learning-rate", "1e-2", "--logging-steps", "1", "--save-steps", "0", *extra)
+    return train(args)
+
+
+def trained_params(model):
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def inner_optimizer(trainer):
+    return getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
+
+
+def assert_base_untouched(model, tied):
+    """Every base parameter equals the freshly built base's, bit for bit; embedding/head up to text_vocab_size."""
+    fresh = dict(build_tiny_qwen3(tied=tied).named_parameters())
+    current = {
+        name.removeprefix("base_model.model.").replace(".base_layer", ""): p
+        for name, p in model.named_parameters()
+        if "row_extension_" not in name and "lora_" not in name
+    }
+    assert sorted(current) == sorted(fresh)
+    embedding_names = {"model.embed_tokens.weight", "lm_head.weight"}
+    for name, original in fresh.items():
+        if name in embedding_names:
+            assert torch.equal(current[name][:TEXT_VOCAB], original[:TEXT_VOCAB]), name
+        else:
+            assert torch.equal(current[name], original), name
+
+
+def logits_of(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_trains_only_the_new_rows_and_saves_them(data_file, tmp_path, examples, tied):
+    args = parse("--tiny", "tied" if tied else "untied", "--data", data_file, "--output-dir", tmp_path / "out")
+    initial = {n: p.detach().clone() for n, p in trained_params(build_model(load_base(args), args)).items()}
+    trainer = run(data_file, tmp_path / "out", "--max-steps", "3", "--batch-size", "2", "--save-steps", "2", tied=tied)
+    model = trainer.model
+
+    rows = trained_params(model)
+    expected = ["row_extension_input_rows"] if tied else ["row_extension_input_rows", "row_extension_output_rows"]
+    assert [n.split(".")[-2] for n in rows] == expected  # one set of rows when tied
+    assert all(not torch.equal(p, initial[n]) for n, p in rows.items())
+    assert_base_untouched(model, tied)
+    if tied:
+        base = model.get_base_model()
+        assert base.lm_head.weight is base.model.embed_tokens.weight
+
+    # optimizer state for the rows only, shaped like them
+    state = inner_optimizer(trainer).state
+    assert {id(p) for p in state} == {id(p) for p in rows.values()}
+    assert all(s["exp_avg"].shape == s["exp_avg_sq"].shape == (TS.num_new_rows, 64) for s in state.values())
+
+    # periodic and final saves hold the rows only, and the final one reproduces the trained model
+    final = load_file(tmp_path / "out" / WEIGHTS_NAME)
+    assert sorted(final) == ([INPUT_ROWS_KEY] if tied else [INPUT_ROWS_KEY, OUTPUT_ROWS_KEY])
+    assert sorted(load_file(tmp_path / "out" / "checkpoint-2" / WEIGHTS_NAME)) == sorted(final)
+    ids = examples[0].input_ids
+    loaded = PeftModel.from_pretrained(build_tiny_qwen3(tied=tied), tmp_path / "out")
+    assert torch.equal(logits_of(loaded, ids), logits_of(model, ids))
+
+
+def test_per_task_loss_in_the_logs_equals_the_evaluation_numbers(data_file, tmp_path, examples):
+    # lr 0 keeps the model fixed; 2 steps of 5 examples, logged together, see every example once
+    trainer = run(data_file, tmp_path / "out", "--learning-rate", "0", "--max-steps", "2", "--batch-size", "5",
+                  "--logging-steps", "2")
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 1
+    report = evaluate(trainer.model, TS, examples, progress=False)
+    for task in ("a2t", "i2t", "t2i"):
+        assert logs[0][f"loss/{task}"] == pytest.approx(report["loss_token_weighted"][task], rel=1e-5)
+    saved = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert saved["log_history"][0]["loss/t2i"] == logs[0]["loss/t2i"]
+
+
+def test_separate_learning_rates_per_kind_of_parameter(data_file, tmp_path):
+    trainer = run(data_file, tmp_path / "out", *LORA, "--learning-rate", "1e-3", "--input-rows-lr", "1e-2",
+                  "--head-rows-lr", "5e-3", "--lora-lr", "2e-4", "--lr-scheduler-type", "constant", "--max-steps", "1")
+    groups = {g["name"]: g for g in inner_optimizer(trainer).param_groups}
+    assert {name: g["lr"] for name, g in groups.items()} == {"input_rows": 1e-2, "head_rows": 5e-3, "lora": 2e-4}
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    markers = {"input_rows": "row_extension_input_rows", "head_rows": "row_extension_output_rows", "lora": ".lora_"}
+    for name, group in groups.items():
+        assert group["params"] and all(markers[name] in names[id(p)] for p in group["params"])
+    assert sum(len(g["params"]) for g in groups.values()) == len(trained_params(trainer.model))
+    # optimizer state: rows and LoRA only, each shaped like its parameter
+    state = inner_optimizer(trainer).state
+    assert {id(p) for p in state} == {id(p) for p in trained_params(trainer.model).values()}
+    assert all(s["exp_avg"].shape == p.shape for p, s in state.items())
+    assert_base_untouched(trainer.model, tied=False)
+
+
+def test_parameter_groups_refuse_unknown_trainable_parameters():
+    args = parse("--tiny", "--data", "unused", "--output-dir", "unused")
+    model = build_model(load_base(args), args)
+    model.get_base_model().model.norm.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        parameter_groups(model, {"input_rows": 1.0, "head_rows": 1.0, "lora": 1.0}, 0.0)
+
+
+def test_bf16_gradient_checkpointing_and_accumulation(data_file, tmp_path):
+    trainer = run(data_file, tmp_path / "out", *LORA, "--bf16", "--gradient-checkpointing",
+                  "--gradient-accumulation-steps", "2", "--batch-size", "2", "--max-steps", "2")
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert trainer.model.get_base_model().is_activation_checkpointing
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    assert trainer.state.log_history[-1]["epoch"] == pytest.approx(0.8)  # 2 steps x 2 micro-batches x 2 of 10
+    assert_base_untouched(trainer.model, tied=False)
+
+
+def test_resume_from_checkpoint_continues_exactly(data_file, tmp_path):
+    run(data_file, tmp_path / "a", *LORA, "--max-steps", "4", "--batch-size", "2", "--save-steps", "2")
+    run(data_file, tmp_path / "b", *LORA, "--max-steps", "4", "--batch-size", "2",
+        "--resume-from-checkpoint", tmp_path / "a" / "checkpoint-2")
+    for name in (WEIGHTS_NAME, f"lora/{WEIGHTS_NAME}"):
+        straight, resumed = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
+        assert sorted(straight) == sorted(resumed)
+        for key in straight:
+            assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_init_adapter_starts_from_saved_rows_and_lora(data_file, tmp_path):
+    run(data_file, tmp_path / "first", *LORA, "--max-steps", "2", "--batch-size", "2")
+    # lr 0: the second run's adapter must be the first one, loaded trainable (optimizer state for all of it)
+    trainer = run(data_file, tmp_path / "second", "--init-adapter", tmp_path / "first", *LORA,
+                  "--learning-rate", "0", "--max-steps", "1")
+    params = trained_params(trainer.model)
+    assert sum("lora_" in n for n in params) == 2 * 7 * 2  # one LoRA (A and B, 7 targets, 2 layers), not two
+    assert {id(p) for p in inner_optimizer(trainer).state} == {id(p) for p in params.values()}
+    for name in (WEIGHTS_NAME, f"lora/{WEIGHTS_NAME}"):
+        first, second = load_file(tmp_path / "first" / name), load_file(tmp_path / "second" / name)
+        assert all(torch.equal(first[k], second[k]) for k in first) and sorted(first) == sorted(second)
+
+
+def test_base_directory_and_token_space_checks(data_file, tmp_path):
+    base = tmp_path / "base"
+    build_tiny_qwen3().save_pretrained(base)
+    args = parse("--base", base, "--data", data_file, "--output-dir", tmp_path / "out", "--cpu", "--max-steps", "1",
+                 "--no-progress", "--save-steps", "0")
+    with pytest.raises(FileNotFoundError, match="--token-space"):
+        train(args)
+    TS.save(base / "token_space.json")
+    assert train(args).state.global_step == 1
+    other = tmp_path / "other_space.json"
+    other.write_text(json.dumps({**TS.to_dict(), "version": "another"}))
+    with pytest.raises(ValueError, match="differs from the token space of --init-adapter"):
+        train(parse("--base", base, "--data", data_file, "--output-dir", tmp_path / "again", "--init-adapter",
+                    tmp_path / "out", "--token-space", other))
+
+
+# ---------------------------------------------------------------------------------------- data parallel
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, examples):
+    """2 processes x batch 1 (accelerate launch, gloo on CPU) == 1 process x batch 2, rows and LoRA, 3 steps.
+
+    The data set is the global batch (2 examples of different lengths and tasks), so every step sees it all
+    whatever the order; fp32 and LoRA dropout 0 make the runs comparable to float tolerance.
+    """
+    data = tmp_path / "two.jsonl"
+    write_jsonl(data, [examples[0], examples[1]])
+    common = ["--tiny", "--data", str(data), "--cpu", "--no-progress", "--learning-rate", "1e-2", "--logging-steps",
+              "1", "--save-steps", "0", "--max-steps", "3", *LORA]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), os.path.join(REPO, "scripts", "train.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "ddp"
+    proc = subprocess.run([*launch, *common, "--output-dir", str(out), "--batch-size", "1",
+                           "--rank-state-dir", str(tmp_path / "ranks")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    single = train(parse(*common, "--output-dir", tmp_path / "single", "--batch-size", "2"))
+
+    ranks = []
+    for rank in (0, 1):
+        path = tmp_path / "ranks" / f"rank{rank}.safetensors"
+        with safe_open(str(path), "pt") as f:
+            ranks.append((f.metadata(), load_file(path)))
+    assert [m["world_size"] for m, _ in ranks] == ["2", "2"] and [m["global_step"] for m, _ in ranks] == ["3", "3"]
+    assert [m["should_save"] for m, _ in ranks] == ["True", "False"]  # only rank 0 writes the adapter
+    (_, rank0), (_, rank1) = ranks
+    assert sorted(rank0) == sorted(rank1) and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+    params = trained_params(single.model)
+    assert sorted(params) == sorted(k for k in rank0 if k != "logits")
+    for name, param in params.items():
+        if "row_extension_" in name:
+            torch.testing.assert_close(rank0[name], param.detach(), rtol=1e-5, atol=1e-6, msg=name)
+        else:
+            # The all-reduced mean gradient differs from the one-batch gradient in the last float bits; Adam
+            # turns that into a visible difference on a few LoRA entries whose gradient is near zero (LoRA B
+            # starts at zero, so A's first gradients are tiny): measured up to 3e-5 on entries of ~0.1.
+            error = (rank0[name] - param.detach()).norm() / param.detach().norm()
+            assert error < 1e-4, (name, error.item())
+
+    saved = load_file(out / WEIGHTS_NAME)
+    assert torch.equal(saved[OUTPUT_ROWS_KEY], rank0["base_model.model.lm_head.row_extension_output_rows.default"])
+    loaded = PeftModel.from_pretrained(build_tiny_qwen3(), out)
+    torch.testing.assert_close(logits_of(loaded, examples[0].input_ids), rank0["logits"])
+
+    # per-task losses, summed over the two processes, are the single process's
+    ddp_logs = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    single_logs = [e for e in single.state.log_history if "loss" in e]
+    tasks = sorted({examples[0].task, examples[1].task})
+    assert len(ddp_logs) == len(single_logs) == 3
+    for ddp, one in zip(ddp_logs, single_logs):
+        for task in tasks:
+            assert ddp[f"loss/{task}"] == pytest.approx(one[f"loss/{task}"], rel=1e-5)

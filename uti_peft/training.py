@@ -1,0 +1,436 @@
+"""Training of row-extension adapters (optionally with LoRA) on tokenized JSONL: ``uti-peft train``.
+
+The loop is transformers' `Trainer`, so one process, data-parallel processes under ``accelerate launch``,
+bf16 autocast, gradient accumulation, gradient checkpointing, periodic checkpoints and resuming all come
+from it. What this module adds is what the Trainer cannot know:
+
+- the model: a base (``--base`` or the tiny local Qwen3) wrapped with a new row-extension adapter, or with a
+  saved one (``--init-adapter``), plus LoRA when ``--lora-r`` > 0 (`uti_peft.add_lora`);
+- the data: our users' JSONL, validated, truncated and padded by `uti_peft.data` exactly as ``uti-peft eval``
+  scores it;
+- the optimizer: AdamW with one parameter group (and learning rate) per kind of trained parameter: input
+  rows, head rows, LoRA. Only trained parameters are given to it, so its state holds rows (and LoRA) only;
+- the logs: a running loss per task (``loss/<task>``), summed over processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import Trainer, TrainingArguments, set_seed
+from transformers.utils import logging
+
+from .config import HEAD_ROW_MODES, INIT_STRATEGIES, TOKEN_SPACE_NAME, RowExtensionConfig
+from .data import (
+    TASK_INDEX_KEY,
+    PaddingCollator,
+    PreparedExample,
+    add_data_arguments,
+    check_window,
+    positive_int,
+    prepare,
+    read_jsonl,
+    scored_token_losses,
+    task_list,
+)
+from .evaluation import DTYPES
+from .tiny import build_tiny_qwen3, tiny_token_space
+from .token_space import TokenSpace
+
+logger = logging.get_logger(__name__)
+
+# Parameter group name -> the substring that marks its parameters (PEFT names them after these attributes).
+PARAMETER_GROUPS = {
+    "input_rows": "row_extension_input_rows",
+    "head_rows": "row_extension_output_rows",
+    "lora": "lora_",
+}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RANK_STATE_NAME = "rank{rank}.safetensors"
+
+
+# ---------------------------------------------------------------------------------------- model
+def load_base(args: argparse.Namespace) -> torch.nn.Module:
+    """The base causal LM: ``--tiny`` builds the local tiny Qwen3 (no download), else ``--base`` is loaded."""
+    dtype = DTYPES[args.dtype]
+    if args.tiny:
+        return build_tiny_qwen3(tied=args.tiny == "tied", dtype=dtype)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(args.base, dtype=dtype)
+
+
+def resolve_token_space(args: argparse.Namespace) -> TokenSpace:
+    """``--token-space``, else the tiny token space with ``--tiny``, else ``token_space.json`` in the base directory."""
+    if args.token_space:
+        return TokenSpace.from_file(args.token_space)
+    if args.tiny:
+        return tiny_token_space()
+    path = os.path.join(args.base, TOKEN_SPACE_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {TOKEN_SPACE_NAME} in {args.base}; pass --token-space")
+    return TokenSpace.from_file(path)
+
+
+def build_model(base: torch.nn.Module, args: argparse.Namespace) -> PeftModel:
+    """Wrap ``base`` with a trainable row-extension adapter (new, or ``--init-adapter``) and LoRA if asked.
+
+    A saved adapter that already holds LoRA layers brings them along (trainable); ``--lora-*`` then do not
+    add a second LoRA.
+    """
+    if args.init_adapter:
+        model = PeftModel.from_pretrained(base, args.init_adapter, is_trainable=True)
+        _check_token_space_matches(args, row_extension_config(model))
+    else:
+        config = RowExtensionConfig(
+            token_space=resolve_token_space(args),
+            init_rows=args.init_rows,
+            init_noise_factor=args.init_noise_factor,
+            head_rows=args.head_rows,
+        )
+        model = get_peft_model(base, config)
+    if args.lora_r and row_extension_config(model).lora_adapter:
+        logger.warning(f"{args.init_adapter} already holds LoRA layers: training them; --lora-* options are ignored")
+    elif args.lora_r:
+        model = _add_lora(model, args)
+    return model
+
+
+def row_extension_config(model: PeftModel) -> RowExtensionConfig:
+    """The model's row-extension adapter config (a LoRA config may sit beside it)."""
+    for config in model.peft_config.values():
+        if isinstance(config, RowExtensionConfig):
+            return config
+    raise ValueError("the model carries no row-extension adapter")
+
+
+def _check_token_space_matches(args: argparse.Namespace, config: RowExtensionConfig) -> None:
+    if args.token_space and TokenSpace.from_file(args.token_space).sha256() != config.token_space_sha256:
+        raise ValueError(
+            f"--token-space {args.token_space} differs from the token space of --init-adapter {args.init_adapter} "
+            f"(sha256 {config.token_space_sha256}); the adapter's rows are laid out for its own"
+        )
+
+
+def _add_lora(model: PeftModel, args: argparse.Namespace) -> PeftModel:
+    from peft import LoraConfig
+
+    from . import add_lora
+
+    config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=list(args.lora_targets),
+        task_type="CAUSAL_LM",
+    )
+    return add_lora(model, config)
+
+
+# ---------------------------------------------------------------------------------------- data
+def load_examples(
+    path: str, token_space: TokenSpace, max_seq_len: int, truncation_side: str
+) -> list[PreparedExample]:
+    """Read, validate and truncate the training data; examples left with nothing to score are dropped."""
+    check_window(max_seq_len, truncation_side)
+    prepared = [prepare(e, token_space, max_seq_len, truncation_side) for e in read_jsonl(path)]
+    kept = [e for e in prepared if e.has_scored_tokens]
+    if not kept:
+        raise ValueError(f"{path}: no example has a token to score (every example is empty or fully ignored)")
+    if len(kept) < len(prepared):
+        logger.warning(f"{path}: {len(prepared) - len(kept)} examples have no token to score and are skipped")
+    return kept
+
+
+# ---------------------------------------------------------------------------------------- optimizer
+def parameter_groups(
+    model: torch.nn.Module, learning_rates: Mapping[str, float], weight_decay: float
+) -> list[dict[str, Any]]:
+    """One optimizer group per kind of trained parameter (see `PARAMETER_GROUPS`), each with its learning rate.
+
+    Groups are found by parameter name, so a model wrapped by accelerate (``module.`` prefixes) works the
+    same. Frozen parameters are left out: no optimizer state is ever allocated for the base. A trained
+    parameter of no known kind is refused rather than trained at a guessed rate.
+    """
+    groups: dict[str, list[torch.nn.Parameter]] = {group: [] for group in PARAMETER_GROUPS}
+    unknown = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        group = next((g for g, marker in PARAMETER_GROUPS.items() if marker in name), None)
+        if group is None:
+            unknown.append(name)
+        else:
+            groups[group].append(param)
+    if unknown:
+        raise ValueError(f"trainable parameters outside the row-extension rows and LoRA: {unknown[:5]}")
+    return [
+        {"params": params, "lr": learning_rates[group], "weight_decay": weight_decay, "name": group}
+        for group, params in groups.items()
+        if params
+    ]
+
+
+# ---------------------------------------------------------------------------------------- per-task loss
+class TaskLossMeter:
+    """Summed token loss and scored-token count per task since the last report.
+
+    The task list is fixed (every process derives it from the same data), so every process reduces a
+    tensor of the same shape at the same step: the reduction is a collective all of them take part in.
+    """
+
+    def __init__(self, tasks: Sequence[str]):
+        self.tasks = list(tasks)
+        self._totals: Optional[torch.Tensor] = None  # [2, tasks]: loss sums, token counts (float64)
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, task_index: torch.Tensor) -> None:
+        """Add a batch: the same shifted token losses the model's loss is made of (see `scored_token_losses`)."""
+        with torch.no_grad():
+            losses, rows = scored_token_losses(logits.detach(), labels)
+            task_of_token = task_index.to(rows.device)[rows]
+            totals = self._buffer(losses.device)
+            totals[0].index_add_(0, task_of_token, losses.double())
+            totals[1].index_add_(0, task_of_token, torch.ones_like(losses, dtype=torch.float64))
+
+    def report(self, accelerator) -> dict[str, float]:
+        """``{"loss/<task>": token-weighted mean}`` over all processes since the last report (collective)."""
+        totals = accelerator.reduce(self._buffer(accelerator.device), reduction="sum")
+        self._totals = None
+        sums, counts = totals.tolist()
+        return {f"loss/{task}": s / n for task, s, n in zip(self.tasks, sums, counts) if n > 0}
+
+    def _buffer(self, device: torch.device) -> torch.Tensor:
+        if self._totals is None:
+            self._totals = torch.zeros((2, len(self.tasks)), dtype=torch.float64, device=device)
+        return self._totals
+
+
+# ---------------------------------------------------------------------------------------- trainer
+class RowExtensionTrainer(Trainer):
+    """`Trainer` with per-kind learning rates and a per-task running loss in its logs.
+
+    Args:
+        tasks: The data set's task names (`uti_peft.data.task_list`); batches carry ``task_index`` into it.
+        learning_rates: Learning rate of each group of `PARAMETER_GROUPS` (``input_rows``, ``head_rows``, ``lora``).
+    """
+
+    def __init__(self, *args: Any, tasks: Sequence[str], learning_rates: Mapping[str, float], **kwargs: Any):
+        self.learning_rates = dict(learning_rates)
+        self.task_losses = TaskLossMeter(tasks)
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer class and settings (AdamW by default), over `parameter_groups`."""
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            groups = parameter_groups(opt_model, self.learning_rates, self.args.weight_decay)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Optional[torch.Tensor] = None,
+    ) -> Any:
+        """The Trainer's loss; the batch's token losses are also added to the per-task meter when training."""
+        task_index = inputs.pop(TASK_INDEX_KEY, None)  # bookkeeping, not a model input
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if task_index is not None and model.training:
+            self.task_losses.update(outputs["logits"], inputs["labels"], task_index)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        """Training logs (the ones with ``loss``, logged at the same step on every process) get ``loss/<task>``."""
+        if "loss" in logs:
+            logs.update(self.task_losses.report(self.accelerator))
+        super().log(logs, start_time)
+
+
+def training_arguments(args: argparse.Namespace) -> TrainingArguments:
+    """The command line's options as `TrainingArguments`."""
+    return TrainingArguments(
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_steps=args.max_steps,
+        num_train_epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        lr_scheduler_type=args.lr_scheduler_type,
+        warmup_steps=args.warmup_steps,
+        max_grad_norm=args.max_grad_norm,
+        bf16=args.bf16,
+        activation_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        logging_steps=args.logging_steps,
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        seed=args.seed,
+        use_cpu=args.cpu,
+        dataloader_num_workers=args.num_workers,
+        remove_unused_columns=False,  # the collator's task_index must reach compute_loss
+        ddp_find_unused_parameters=False,  # every trained parameter gets a gradient at every step
+        report_to=args.report_to,
+        disable_tqdm=args.no_progress or None,
+    )
+
+
+def learning_rates(args: argparse.Namespace) -> dict[str, float]:
+    """Per-group learning rates; a group without its own option uses ``--learning-rate``."""
+    own = {"input_rows": args.input_rows_lr, "head_rows": args.head_rows_lr, "lora": args.lora_lr}
+    return {group: args.learning_rate if lr is None else lr for group, lr in own.items()}
+
+
+def train(args: argparse.Namespace) -> RowExtensionTrainer:
+    """Build the model and data, train, and write the final adapter to ``--output-dir`` (main process only)."""
+    set_seed(args.seed)  # before the model: new rows and LoRA are initialised at random, alike on every process
+    model = build_model(load_base(args), args)
+    token_space = row_extension_config(model).get_token_space()
+    examples = load_examples(args.data, token_space, args.max_seq_len, args.truncation_side)
+    tasks = task_list(examples)
+    trainer = RowExtensionTrainer(
+        model=model,
+        args=training_arguments(args),
+        train_dataset=examples,
+        data_collator=PaddingCollator(token_space.pad_token_id, tasks),
+        tasks=tasks,
+        learning_rates=learning_rates(args),
+    )
+    resume = True if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(args.output_dir)
+    trainer.save_state()
+    if args.rank_state_dir:
+        write_rank_state(trainer, examples[0], args.rank_state_dir)
+    return trainer
+
+
+def write_rank_state(trainer: Trainer, probe: PreparedExample, directory: str) -> str:
+    """Write this process's trained parameters and its logits on ``probe`` to ``rank<N>.safetensors``.
+
+    For checking data-parallel runs: every process must hold the same parameters as the saved adapter,
+    and the saved adapter, loaded anew, must reproduce these logits. Metadata: rank, world size, global
+    step and whether this process writes the model (``should_save``).
+    """
+    from safetensors.torch import save_file
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    model.eval()
+    with torch.no_grad():
+        input_ids = torch.tensor([probe.input_ids], device=trainer.args.device)
+        tensors["logits"] = model(input_ids=input_ids).logits.float().cpu().contiguous()
+    metadata = {
+        "rank": str(trainer.args.process_index),
+        "world_size": str(trainer.args.world_size),
+        "global_step": str(trainer.state.global_step),
+        "should_save": str(trainer.args.should_save),
+    }
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, RANK_STATE_NAME.format(rank=trainer.args.process_index))
+    save_file(tensors, path, metadata=metadata)
+    return path
+
+
+# ---------------------------------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``uti-peft train`` / ``scripts/train.py``."""
+    model = parser.add_argument_group("model")
+    source = model.add_mutually_exclusive_group(required=True)
+    source.add_argument("--base", help="base causal LM: local directory or hub id")
+    source.add_argument(
+        "--tiny", nargs="?", const="untied", choices=("untied", "tied"),
+        help="use the tiny local Qwen3 and token space instead (no download); 'tied' ties its embeddings",
+    )
+    model.add_argument("--token-space", help=f"token space JSON (default: {TOKEN_SPACE_NAME} in --base, or the tiny one)")
+    model.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype the base is loaded in")
+    model.add_argument("--init-adapter", help="start from this saved row-extension adapter (and its LoRA, if any)")
+    model.add_argument("--init-rows", choices=INIT_STRATEGIES, default="mean_noise", help="how new rows start")
+    model.add_argument("--init-noise-factor", type=float, default=0.02)
+    model.add_argument("--head-rows", choices=HEAD_ROW_MODES, default="trained",
+                       help="'mean': no trained head rows (the head's new rows are the mean of its text rows)")
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--lora-r", type=int, default=0, help="LoRA rank; 0 (default) trains rows only")
+    lora.add_argument("--lora-alpha", type=int, default=16)
+    lora.add_argument("--lora-dropout", type=float, default=0.05)
+    lora.add_argument("--lora-targets", type=_names, default=LORA_TARGETS, help="comma-separated module names")
+
+    data = parser.add_argument_group("data")
+    add_data_arguments(data)
+
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--output-dir", required=True, help="final adapter and checkpoint-<step> directories")
+    opt.add_argument("--batch-size", type=positive_int, default=1, help="examples per process per micro-batch")
+    opt.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
+    opt.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; -1: --epochs decides")
+    opt.add_argument("--epochs", type=float, default=1.0)
+    opt.add_argument("--learning-rate", type=float, default=1e-4)
+    opt.add_argument("--input-rows-lr", type=float, help="learning rate of the input-embedding rows")
+    opt.add_argument("--head-rows-lr", type=float, help="learning rate of the lm_head rows (untied bases)")
+    opt.add_argument("--lora-lr", type=float, help="learning rate of the LoRA weights")
+    opt.add_argument("--weight-decay", type=float, default=0.0)
+    opt.add_argument("--lr-scheduler-type", default="linear")
+    opt.add_argument("--warmup-steps", type=float, default=0)
+    opt.add_argument("--max-grad-norm", type=float, default=1.0)
+    opt.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
+    opt.add_argument("--gradient-checkpointing", action="store_true")
+    opt.add_argument("--seed", type=int, default=0)
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--logging-steps", type=float, default=10)
+    run.add_argument("--save-steps", type=_non_negative_int, default=500, help="checkpoint every N steps; 0: final adapter only")
+    run.add_argument("--save-total-limit", type=int, help="keep at most this many checkpoints")
+    run.add_argument("--resume-from-checkpoint", help="a checkpoint-<step> directory, or 'latest' in --output-dir")
+    run.add_argument("--cpu", action="store_true", help="train on the CPU even if an accelerator is present")
+    run.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
+    run.add_argument("--report-to", default="none", help="Trainer integrations (tensorboard, wandb, ...)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--rank-state-dir", help="also write each process's trained parameters (for checks)")
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated module names")
+    return names
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``uti-peft train``."""
+    parser = subparsers.add_parser(
+        "train",
+        help="train a row-extension adapter (optionally with LoRA) on tokenized JSONL",
+        description="Train a row-extension adapter with transformers' Trainer; run it under `accelerate launch` "
+        "for data-parallel training.",
+    )
+    add_arguments(parser)
+    parser.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    train(args)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``scripts/train.py``: the same as ``uti-peft train`` (same options, same error handling)."""
+    import sys
+
+    from .cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
