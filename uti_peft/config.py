@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
@@ -125,3 +125,11 @@ class RowExtensionConfig(PeftConfig):
         super().save_pretrained(save_directory, **kwargs)
         self.get_token_space().save(os.path.join(save_directory, TOKEN_SPACE_NAME))
         write_model_card(save_directory, self)
+
+
+def find_row_extension_adapter(peft_config: Mapping[str, PeftConfig]) -> tuple[str, RowExtensionConfig]:
+    """The name and config of the row-extension adapter among a model's adapters (a LoRA may sit beside it)."""
+    for name, config in peft_config.items():
+        if isinstance(config, RowExtensionConfig):
+            return name, config
+    raise ValueError("the model carries no row-extension adapter")

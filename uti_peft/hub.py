@@ -48,7 +48,7 @@ from .card import (
     render_model_card,
     rows_bytes_of_file,
 )
-from .config import TOKEN_SPACE_NAME, RowExtensionConfig
+from .config import TOKEN_SPACE_NAME, RowExtensionConfig, find_row_extension_adapter
 from .model import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME, RowExtensionError
 from .token_space import TokenSpace, TokenSpaceError
 
@@ -227,7 +227,7 @@ def _push_to_hub(original, self, repo_id: str, *args, **kwargs):
     if unknown:
         raise TypeError(f"push_to_hub() got unexpected keyword arguments {unknown}")
     # the tuner allows one row-extension adapter per model (plus, under "default", its LoRA: uti_peft.lora)
-    adapter_name = next(name for name, c in self.peft_config.items() if isinstance(c, RowExtensionConfig))
+    adapter_name, _ = find_row_extension_adapter(self.peft_config)
     with tempfile.TemporaryDirectory(prefix="uti-peft-push-") as tmp:
         self.save_pretrained(tmp)
         folder = tmp if adapter_name == "default" else os.path.join(tmp, adapter_name)

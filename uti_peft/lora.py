@@ -26,7 +26,7 @@ from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, load_peft_weights,
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import RowExtensionConfig, check_lora_adapter_name
+from .config import RowExtensionConfig, check_lora_adapter_name, find_row_extension_adapter
 from .model import RowExtensionError
 
 LORA_ADAPTER_NAME = "lora"
@@ -55,8 +55,8 @@ def inject_lora(tuner: BaseTuner, config: LoraConfig, adapter_name: str) -> None
     check_lora_adapter_name(adapter_name)
     if not isinstance(config, LoraConfig):
         raise TypeError(f"expected a peft.LoraConfig for the LoRA adapter, got {type(config).__name__}")
-    row_config = _row_config(tuner)
-    if tuner.peft_config.get("default") is not row_config:
+    row_name, row_config = find_row_extension_adapter(tuner.peft_config)
+    if row_name != "default":
         raise RowExtensionError(
             "a LoRA can be added only to the row-extension adapter named 'default': PEFT saves other adapters in "
             "sub-directories, where the LoRA would not be found"
@@ -135,10 +135,6 @@ def load_lora(
             f"LoRA adapter {adapter_name!r} does not match its config: missing {missing[:5]}, "
             f"unexpected {list(result.unexpected_keys)[:5]}"
         )
-
-
-def _row_config(tuner: BaseTuner) -> RowExtensionConfig:
-    return next(c for c in tuner.peft_config.values() if isinstance(c, RowExtensionConfig))
 
 
 def _check_lora_targets(model: nn.Module, config: LoraConfig) -> None:

@@ -24,7 +24,13 @@ from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
-from .config import HEAD_ROW_MODES, INIT_STRATEGIES, TOKEN_SPACE_NAME, RowExtensionConfig
+from .config import (
+    HEAD_ROW_MODES,
+    INIT_STRATEGIES,
+    TOKEN_SPACE_NAME,
+    RowExtensionConfig,
+    find_row_extension_adapter,
+)
 from .data import (
     TASK_INDEX_KEY,
     PaddingCollator,
@@ -84,7 +90,7 @@ def build_model(base: torch.nn.Module, args: argparse.Namespace) -> PeftModel:
     """
     if args.init_adapter:
         model = PeftModel.from_pretrained(base, args.init_adapter, is_trainable=True)
-        _check_token_space_matches(args, row_extension_config(model))
+        _check_token_space_matches(args, find_row_extension_adapter(model.peft_config)[1])
     else:
         config = RowExtensionConfig(
             token_space=resolve_token_space(args),
@@ -93,19 +99,11 @@ def build_model(base: torch.nn.Module, args: argparse.Namespace) -> PeftModel:
             head_rows=args.head_rows,
         )
         model = get_peft_model(base, config)
-    if args.lora_r and row_extension_config(model).lora_adapter:
+    if args.lora_r and find_row_extension_adapter(model.peft_config)[1].lora_adapter:
         logger.warning(f"{args.init_adapter} already holds LoRA layers: training them; --lora-* options are ignored")
     elif args.lora_r:
         model = _add_lora(model, args)
     return model
-
-
-def row_extension_config(model: PeftModel) -> RowExtensionConfig:
-    """The model's row-extension adapter config (a LoRA config may sit beside it)."""
-    for config in model.peft_config.values():
-        if isinstance(config, RowExtensionConfig):
-            return config
-    raise ValueError("the model carries no row-extension adapter")
 
 
 def _check_token_space_matches(args: argparse.Namespace, config: RowExtensionConfig) -> None:
@@ -293,7 +291,7 @@ def train(args: argparse.Namespace) -> RowExtensionTrainer:
     """Build the model and data, train, and write the final adapter to ``--output-dir`` (main process only)."""
     set_seed(args.seed)  # before the model: new rows and LoRA are initialised at random, alike on every process
     model = build_model(load_base(args), args)
-    token_space = row_extension_config(model).get_token_space()
+    token_space = find_row_extension_adapter(model.peft_config)[1].get_token_space()
     examples = load_examples(args.data, token_space, args.max_seq_len, args.truncation_side)
     tasks = task_list(examples)
     trainer = RowExtensionTrainer(
