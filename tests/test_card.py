@@ -142,7 +142,7 @@ def test_save_pretrained_carries_provenance_and_only_fresh_eval(tmp_path):
     assert facts["eval"] == EVAL
 
     with torch.no_grad():
-        model.get_input_embeddings().weight[-1] += 1.0  # retrained rows: the old numbers are stale
+        model.get_input_embeddings().rows("default")[-1] += 1.0  # retrained rows: the old numbers are stale
     model.save_pretrained(tmp_path)
     card = ModelCard.load(tmp_path / "README.md")
     facts = card_facts(card)

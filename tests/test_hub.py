@@ -67,8 +67,8 @@ def adapter_model(bump: float = 0.0, *, hidden_size: int = 64, adapter_name: str
     )
     model.peft_config[adapter_name].base_model_name_or_path = BASE_ID
     with torch.no_grad():
-        model.get_input_embeddings().weight[SPACE.text_vocab_size:] += bump
-        model.get_output_embeddings().weight[SPACE.text_vocab_size:] -= bump
+        model.get_input_embeddings().rows(adapter_name).add_(bump)
+        model.get_output_embeddings().rows(adapter_name).sub_(bump)
     return model
 
 
@@ -159,7 +159,7 @@ def test_model_push_to_hub_uploads_exactly_the_four_files(online, tmp_path):
     assert len(weights) == 8 + header_len + ROWS_BYTES  # the rows, nothing else
     tensors = safetensors.torch.load(weights)
     assert set(tensors) == {INPUT_ROWS_KEY, OUTPUT_ROWS_KEY}
-    assert torch.equal(tensors[INPUT_ROWS_KEY], model.get_input_embeddings().weight[SPACE.text_vocab_size:])
+    assert torch.equal(tensors[INPUT_ROWS_KEY], model.get_input_embeddings().rows("default"))
     assert torch.equal(tensors[OUTPUT_ROWS_KEY], model.get_output_embeddings().weight[SPACE.text_vocab_size:])
 
     card = ModelCard(commit.added["README.md"].decode())
@@ -415,7 +415,7 @@ ids = torch.tensor([[0, 7, 999, 1000, 1009, 1100, 1400, 1575]])
 model = get_peft_model(AutoModelForCausalLM.from_pretrained("org/env-base"),
                        uti_peft.RowExtensionConfig(token_space=tiny_token_space()))
 with torch.no_grad():
-    model.get_input_embeddings().weight[1000:] += 0.125
+    model.get_input_embeddings().rows("default").add_(0.125)
     expected = model(ids).logits
 info = model.push_to_hub("org/env-rows", commit_message="rows from a fresh process")
 auto = AutoPeftModelForCausalLM.from_pretrained("org/env-rows")  # tokenizer beside the adapter: resized base

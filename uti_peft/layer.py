@@ -1,10 +1,15 @@
 """Row-extension tuner layers for the input embedding and the lm_head.
 
-The effective matrix is ``concat(base[:text_vocab_size], new_rows)``. It is built once, in place of the
-base layer's weight (same ``nn.Parameter`` object, new storage), and the trainable ``new_rows``
-parameter is a *view* of its tail. Inference therefore runs the very same full-width operation as a
-merged or legacy-patched model (bit-identical logits, no extra memory), and training sends gradients
-to the new rows only, through operations that never materialise a full-size gradient.
+The effective matrix is ``concat(base[:text_vocab_size], new_rows)``.
+
+* lm_head (and a tied embedding, which *is* the lm_head's matrix): exact logits need the very same
+  full-width matmul a merged or legacy-patched model runs, so the extended matrix is built once, in place of
+  the base layer's weight (same ``nn.Parameter`` object, new storage), and the trainable ``new_rows``
+  parameter is a *view* of its tail. Training sends gradients to the new rows only, without ever forming a
+  full-size gradient.
+* Untied input embedding: a lookup is a gather, exact wherever the rows live, so the base weight is left
+  untouched and the new rows are a parameter of their own; new ids are looked up there. Loading then copies
+  nothing (a memory-mapped base stays mapped) and ``unload()`` has nothing to restore.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+
+from .memory import copy_releasing_source
 
 
 class RowExtensionLayer(nn.Module, BaseTunerLayer):
@@ -43,6 +50,7 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
         # Base rows at or beyond text_vocab_size, kept (not saved) so that unload() restores the base exactly.
         self.row_extension_replaced = BufferDict(persistent=False)
         self.text_vocab_size: dict[str, int] = {}
+        self._in_place: set[str] = set()  # adapters whose rows are the tail of the base weight
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -53,9 +61,14 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
     def trained_rows(self) -> nn.ParameterDict:
         return getattr(self, self.adapter_layer_names[0])
 
-    def update_layer(self, adapter_name: str, text_vocab_size: int, rows: torch.Tensor, trainable: bool = True) -> None:
-        """Replace base rows ``[text_vocab_size:]`` by ``rows`` and keep ``rows`` as a view of that tail:
-        a trainable, saved parameter, or (``trainable=False``) a derived buffer."""
+    def update_layer(
+        self, adapter_name: str, text_vocab_size: int, rows: torch.Tensor, trainable: bool = True, in_place: bool = True
+    ) -> None:
+        """Add the adapter's new rows: a trainable, saved parameter, or (``trainable=False``) a derived buffer.
+
+        ``in_place=True`` replaces base rows ``[text_vocab_size:]`` by ``rows`` and keeps ``rows`` as a view of
+        that tail; ``in_place=False`` (an untied input embedding) keeps them apart from the untouched base weight.
+        """
         if self.text_vocab_size:
             raise ValueError(
                 f"{type(self).__name__} already holds adapter {self.active_adapters}; a model can carry one "
@@ -65,6 +78,19 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
         if self.tied_to is not None:
             sync_size_attributes(self.base_layer)
             return
+        if in_place:
+            rows = self._extend_in_place(adapter_name, rows)
+        else:
+            weight = self.base_layer.weight
+            rows = rows.to(device=weight.device, dtype=weight.dtype, copy=True, memory_format=torch.contiguous_format)
+        if trainable:
+            self.trained_rows[adapter_name] = nn.Parameter(rows, requires_grad=True)
+        else:
+            self.row_extension_fixed_rows[adapter_name] = rows
+
+    def _extend_in_place(self, adapter_name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Make the base weight ``concat(weight[:text_vocab_size], rows)``; return the view of its tail."""
+        text_vocab_size = self.text_vocab_size[adapter_name]
         weight = self.base_layer.weight
         old = weight.data
         self.row_extension_replaced[adapter_name] = old[text_vocab_size:].clone()
@@ -72,15 +98,12 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
             extended = old
         else:
             extended = torch.empty((text_vocab_size + rows.shape[0], old.shape[1]), dtype=old.dtype, device=old.device)
-            extended[:text_vocab_size].copy_(old[:text_vocab_size])
+            copy_releasing_source(extended[:text_vocab_size], old[:text_vocab_size])
         extended[text_vocab_size:].copy_(rows)
         weight.data = extended
-        if trainable:
-            self.trained_rows[adapter_name] = nn.Parameter(extended[text_vocab_size:], requires_grad=True)
-        else:
-            self.row_extension_fixed_rows[adapter_name] = extended[text_vocab_size:]
-        self.attach_rows(adapter_name)
+        self._in_place.add(adapter_name)
         sync_size_attributes(self.base_layer)
+        return extended[text_vocab_size:]
 
     def rows(self, adapter_name: str) -> torch.Tensor:
         """The new rows of an adapter (trained parameter or derived buffer), wherever they are owned."""
@@ -95,7 +118,7 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
         Moving, casting or ``load_state_dict(assign=True)`` may give the parameter its own storage; the
         values it holds are copied back into the tail (taking the weight's dtype and device).
         """
-        if self.tied_to is not None or adapter_name not in self.text_vocab_size:
+        if self.tied_to is not None or adapter_name not in self._in_place:
             return
         rows = self.rows(adapter_name)
         tail = self.base_layer.weight.data[self.text_vocab_size[adapter_name] :]
@@ -109,14 +132,20 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
             self.row_extension_fixed_rows[adapter_name] = tail
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
-        self.attach_rows(adapter_name)
+        if adapter_name in self._in_place:
+            self.attach_rows(adapter_name)
+        else:
+            super()._move_adapter_to_device_of_base_layer(adapter_name, device)
 
     # ------------------------------------------------------------------ merge / unload
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """The base weight already holds the rows, so merging only records the state (and checks)."""
+        """Make the base weight hold the rows (it already does, unless they were kept apart) and record it."""
         for name in adapter_names or self.active_adapters:
             if name in self.merged_adapters:
                 continue
+            if self.tied_to is None and name not in self._in_place:
+                rows = self.rows(name)
+                rows.data = self._extend_in_place(name, rows.detach())
             self.attach_rows(name)
             if safe_merge and not torch.isfinite(self.rows(name)).all():
                 raise ValueError(f"non-finite values in the new rows of adapter {name!r}")
@@ -173,22 +202,29 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
 
 
 class RowExtensionEmbedding(RowExtensionLayer):
-    """Input embedding with new rows: a lookup into the extended matrix, gradients only to new rows."""
+    """Input embedding with new rows: text ids from the base weight, new ids from the rows (both exact
+    gathers); gradients only to the new rows."""
 
     adapter_layer_names = ("row_extension_input_rows",)
 
     def forward(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self._prepare_forward()
-        result = self.base_layer(input_ids, *args, **kwargs)
-        rows = self._training_rows()
-        if rows is None:
-            return result
-        text_vocab_size = self.text_vocab_size[self.active_adapters[0]]
+        name = self.active_adapters[0] if self.active_adapters else None
+        separate = name in self.text_vocab_size and name not in self._in_place
+        rows = self.rows(name) if separate else self._training_rows()
+        if rows is None:  # the extended base weight serves every id, nothing to differentiate
+            return self.base_layer(input_ids, *args, **kwargs)
+        text_vocab_size = self.text_vocab_size[name]
         is_new = input_ids >= text_vocab_size
-        if self.base_layer.padding_idx is not None:
-            is_new &= input_ids != self.base_layer.padding_idx
-        # Same values as the lookup above (a gather is exact), but differentiable w.r.t. the rows alone.
-        new_values = F.embedding((input_ids - text_vocab_size).clamp_min(0), rows)
+        # kept apart, the base weight has no rows for new ids: look up a valid (text) row in their place
+        result = self.base_layer(input_ids.masked_fill(is_new, 0) if separate else input_ids, *args, **kwargs)
+        padding_idx = self.base_layer.padding_idx
+        new_values = F.embedding(
+            (input_ids - text_vocab_size).clamp_min(0),
+            rows,
+            # as in nn.Embedding, a padding row that is a new row gets no gradient
+            padding_idx=padding_idx - text_vocab_size if padding_idx is not None and padding_idx >= text_vocab_size else None,
+        )
         embed_scale = self._get_embed_scale()
         if embed_scale is not None:
             new_values = new_values * embed_scale.to(new_values.dtype)

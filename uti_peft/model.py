@@ -117,7 +117,8 @@ class RowExtensionModel(BaseTuner):
         text_vocab_size = peft_config.text_vocab_size
         if target is plan.input_module:
             new_module = RowExtensionEmbedding(target, adapter_name)
-            new_module.update_layer(adapter_name, text_vocab_size, plan.input_rows)
+            # a tied lm_head needs the full-width matrix; an untied embedding keeps its rows apart (no copy)
+            new_module.update_layer(adapter_name, text_vocab_size, plan.input_rows, in_place=plan.tied)
         elif target is plan.output_module and plan.tied:
             owner = self.model.get_input_embeddings()
             new_module = RowExtensionLinear(target, adapter_name, tied_to=owner)
