@@ -226,6 +226,49 @@ def test_cast_that_overflows_is_refused(tmp_path):
     assert not (tmp_path / "adapter").exists()
 
 
+@pytest.mark.parametrize("rows_dtype", [torch.bfloat16, torch.float32])
+def test_card_hash_is_the_written_file_and_a_bad_write_is_refused(tmp_path, monkeypatch, rows_dtype):
+    import uti_peft.legacy as legacy
+    from huggingface_hub import ModelCard
+
+    from uti_peft.card import card_facts
+
+    def facts(adapter):
+        return card_facts(ModelCard.load(os.path.join(adapter, "README.md")))
+
+    write_legacy_checkpoint(tmp_path / "ckpt", SPACE, dtype=rows_dtype)
+    source_sha = hashlib.sha256((tmp_path / "ckpt" / "trainable_rows.pt").read_bytes()).hexdigest()
+    for name, dtype in (("kept", None), ("cast", "float16")):  # same dtype, and a cast (fresh tensors)
+        adapter = uti_peft.convert_legacy(tmp_path / "ckpt", tmp_path / name, dtype=dtype)
+        weights_sha = hashlib.sha256((tmp_path / name / WEIGHTS_NAME).read_bytes()).hexdigest()
+        assert facts(adapter)["adapter_sha256"] == weights_sha  # hashed while written, yet the file's hash
+        assert facts(adapter)["provenance"]["source_sha256"] == source_sha
+
+    # a header other than the predicted one: the written bytes are hashed instead
+    predict = legacy._hash_as_safetensors
+    monkeypatch.setattr(legacy, "_hash_as_safetensors", lambda *a: (b"other", predict(*a)[1]))
+    adapter = uti_peft.convert_legacy(tmp_path / "ckpt", tmp_path / "other")
+    written = (tmp_path / "other" / WEIGHTS_NAME).read_bytes()
+    assert facts(adapter)["adapter_sha256"] == hashlib.sha256(written).hexdigest()
+    monkeypatch.setattr(legacy, "_hash_as_safetensors", predict)
+
+    save_file = legacy.save_file
+    for damage in ("flip", "truncate", "drop"):
+        def bad_save_file(rows, path, metadata=None, damage=damage):
+            save_file(rows if damage != "drop" else dict(list(rows.items())[:1]), path, metadata=metadata)
+            data = bytearray(open(path, "rb").read())
+            if damage == "flip":
+                data[-5] ^= 1
+            with open(path, "wb") as f:
+                f.write(data[:-2] if damage == "truncate" else data)
+
+        monkeypatch.setattr(legacy, "save_file", bad_save_file)
+        before = snapshot(tmp_path)
+        with pytest.raises(LegacyCheckpointError, match="adapter_model.safetensors: .*(differs|expected)"):
+            uti_peft.convert_legacy(tmp_path / "ckpt", tmp_path / "bad")
+        assert snapshot(tmp_path) == before, damage
+
+
 # ---------------------------------------------------------------------------------------- refusals
 def test_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path, capsys):
     marker = tmp_path / "code-ran"

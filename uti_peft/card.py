@@ -11,13 +11,14 @@ report), so that a card can be read back by a program (see `card_facts`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import os
 import struct
 from importlib import resources
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -177,10 +178,12 @@ def file_sha256(path: str | os.PathLike, *, progress: Optional[bool] = False) ->
     digest = hashlib.sha256()
     bar = tqdm(total=os.path.getsize(path), desc=f"reading {os.path.basename(path)}", unit="B", unit_scale=True,
                disable=None if progress is None else not progress)
-    with open(path, "rb") as f, bar:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-            bar.update(len(block))
+    block = bytearray(1 << 20)  # one reused buffer, filled in place: no allocation per block
+    view = memoryview(block)
+    with open(path, "rb", buffering=0) as f, bar:
+        while n := f.readinto(block):
+            digest.update(view[:n])
+            bar.update(n)
     return digest.hexdigest()
 
 
@@ -191,6 +194,7 @@ def write_model_card(
     provenance: dict | None = None,
     eval_report: dict | None = None,
     carry_over: bool = True,
+    weights_sha256: str | Callable[[], str] | None = None,
 ) -> Optional[ModelCard]:
     """Write ``README.md`` for the adapter saved in ``save_directory`` (None if it holds no weights file).
 
@@ -198,6 +202,11 @@ def write_model_card(
     ``carry_over`` (what ``save_pretrained`` does), a previous uti-peft card in the directory donates what
     this call is not given: its provenance always (the rows' lineage survives re-saving), its eval report
     only when it was measured on these exact weights (same recorded sha256), so numbers never go stale.
+
+    ``weights_sha256``: the sha256 of ``adapter_model.safetensors`` when the caller already has it (e.g. from
+    verifying the bytes it wrote), so that the file is not read and hashed again; it is taken as given. A
+    callable returning it is called once, when the digest is needed (after rendering when nothing is carried
+    over), so that a hash still being computed elsewhere overlaps the rendering.
     """
     from .model import WEIGHTS_NAME
 
@@ -205,16 +214,17 @@ def write_model_card(
     weights = os.path.join(save_directory, WEIGHTS_NAME)
     if not os.path.isfile(weights):
         return None
-    weights_sha256 = file_sha256(weights)
+    given = weights_sha256
+    digest = functools.cache(given if callable(given) else lambda: given or file_sha256(weights))
     previous = _previous_facts(os.path.join(save_directory, CARD_NAME)) if carry_over else {}
     if provenance is None:
         provenance = previous.get("provenance")
-    if eval_report is None and previous.get("adapter_sha256") == weights_sha256:
+    if eval_report is None and previous.get("adapter_sha256") is not None and previous["adapter_sha256"] == digest():
         eval_report = previous.get("eval")
     card = render_model_card(
         config, rows_bytes=rows_bytes_of_file(weights), provenance=provenance, eval_report=eval_report
     )
-    card.data[METADATA_KEY]["adapter_sha256"] = weights_sha256
+    card.data[METADATA_KEY]["adapter_sha256"] = digest()
     card.save(os.path.join(save_directory, CARD_NAME))
     return card
 

@@ -18,12 +18,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import pickle
 import shutil
+import struct
 import tempfile
+import threading
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Union
 
@@ -33,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .card import CARD_NAME, file_sha256
+from .card import CARD_NAME
 from .config import TOKEN_SPACE_NAME, RowExtensionConfig
 from .lora import LORA_ADAPTER_NAME, read_legacy_lora, write_lora
 from .model import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
@@ -261,8 +265,19 @@ def _nonfinite_rows(tensor: torch.Tensor, chunk_rows: int = 4096) -> list[int]:
     return bad
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """One fast pass: the minimum and maximum are NaN when any value is (aminmax propagates NaN) and
+    ±Inf when any value is infinite, so both finite means every value is."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
 def _check_finite(name: str, tensor: torch.Tensor, row_start: int, where: str, allow: bool) -> None:
-    bad = _nonfinite_rows(tensor)
+    if _all_finite(tensor):
+        return
+    bad = _nonfinite_rows(tensor)  # the slow, exact pass only when there is something to report
     if not bad:
         return
     ids = [row_start + i for i in bad[:8]]
@@ -419,64 +434,252 @@ def convert_legacy(
             "(token_space=...), e.g. outputs/stage3_token_lm/token_space.json"
         )
     report, report_path = _read_eval_report(eval_report)
-    sha256 = file_sha256(pt_path, progress=progress)
-    ckpt = read_legacy(pt_path)
-    _check_token_space(ckpt, space)
-
-    rows = {INPUT_ROWS_KEY: ckpt.embeddings}
-    if ckpt.lm_head is not None:
-        rows[OUTPUT_ROWS_KEY] = ckpt.lm_head
-    names = {INPUT_ROWS_KEY: "embeddings", OUTPUT_ROWS_KEY: "lm_head"}
-    for key, tensor in rows.items():
-        _check_finite(names[key], tensor, ckpt.row_start, pt_path, allow_nonfinite)
-    out_dtype = out_dtype or ckpt.dtype
-    # own, contiguous copies: safetensors refuses views of one storage (a tied model's lm_head may be one)
-    rows = {key: tensor.to(out_dtype).clone(memory_format=torch.contiguous_format) for key, tensor in rows.items()}
-    if out_dtype != ckpt.dtype:
-        for key, tensor in rows.items():
-            what = f"{names[key]} cast to {_dtype_name(out_dtype)}"
-            _check_finite(what, tensor, ckpt.row_start, pt_path, allow_nonfinite)
-
-    lora = None
-    if lora_dir is not None:
-        lora = read_legacy_lora(os.fspath(lora_dir), list(rows.values()), space.text_vocab_size)
-    config = RowExtensionConfig(
-        token_space=space,
-        base_model_name_or_path=base_model or ckpt.base_llm,
-        head_rows="trained" if ckpt.lm_head is not None else "mean",
-        lora_adapter=LORA_ADAPTER_NAME if lora else None,
-    )
-    rows_bytes = sum(t.numel() * t.element_size() for t in rows.values())
-    provenance = {
-        "source_checkpoint": os.path.normpath(os.fspath(checkpoint_dir)),
-        "source_sha256": sha256,
-        "source_format": LEGACY_PT_NAME,
-        "row_start": ckpt.row_start,
-        "row_end": ckpt.row_end,
-        "dtype": _dtype_name(out_dtype),
-    }
-    if out_dtype != ckpt.dtype:
-        provenance["source_dtype"] = _dtype_name(ckpt.dtype)
-    if config.base_model_name_or_path != ckpt.base_llm:
-        provenance["source_base_llm"] = ckpt.base_llm
-    if report_path:
-        provenance["eval_report"] = report_path
-    if lora_dir is not None:
-        provenance["source_lora"] = os.path.normpath(os.fspath(lora_dir))
-
     from .card import write_model_card
 
-    with _atomic_output(target, overwrite=overwrite, marker=ADAPTER_CONFIG_NAME, protected=(checkpoint,)) as tmp:
-        config.save_pretrained(tmp)
-        weights_path = os.path.join(tmp, WEIGHTS_NAME)
-        with _bar(rows_bytes, f"writing {WEIGHTS_NAME}", progress) as bar:
-            save_file(rows, weights_path, metadata={"format": "pt"})
-            _verify_written(load_file(weights_path), rows, weights_path, bar)
-        if lora:
-            write_lora(os.path.join(tmp, LORA_ADAPTER_NAME), *lora)
-        # the card (README.md) records the rows' size and sha256, the provenance and the eval numbers
-        write_model_card(tmp, config, provenance=provenance, eval_report=report, carry_over=False)
+    with _Sha256Jobs() as hashing:
+        # the source's sha256 (a provenance fact) is computed on a worker thread while the rows are loaded,
+        # checked and written
+        source_sha256 = hashing.file(pt_path, progress)
+        ckpt = read_legacy(pt_path)
+        _check_token_space(ckpt, space)
+
+        rows = {INPUT_ROWS_KEY: ckpt.embeddings}
+        if ckpt.lm_head is not None:
+            rows[OUTPUT_ROWS_KEY] = ckpt.lm_head
+        names = {INPUT_ROWS_KEY: "embeddings", OUTPUT_ROWS_KEY: "lm_head"}
+        for key, tensor in rows.items():
+            _check_finite(names[key], tensor, ckpt.row_start, pt_path, allow_nonfinite)
+        out_dtype = out_dtype or ckpt.dtype
+        rows = _storable(rows, out_dtype)
+        if out_dtype != ckpt.dtype:
+            for key, tensor in rows.items():
+                what = f"{names[key]} cast to {_dtype_name(out_dtype)}"
+                _check_finite(what, tensor, ckpt.row_start, pt_path, allow_nonfinite)
+
+        lora = None
+        if lora_dir is not None:
+            lora = read_legacy_lora(os.fspath(lora_dir), list(rows.values()), space.text_vocab_size)
+        config = RowExtensionConfig(
+            token_space=space,
+            base_model_name_or_path=base_model or ckpt.base_llm,
+            head_rows="trained" if ckpt.lm_head is not None else "mean",
+            lora_adapter=LORA_ADAPTER_NAME if lora else None,
+        )
+        rows_bytes = sum(t.numel() * t.element_size() for t in rows.values())
+
+        with _atomic_output(target, overwrite=overwrite, marker=ADAPTER_CONFIG_NAME, protected=(checkpoint,)) as tmp:
+            config.save_pretrained(tmp)
+            weights_path = os.path.join(tmp, WEIGHTS_NAME)
+            metadata = {"format": "pt"}
+            with _bar(rows_bytes, f"writing {WEIGHTS_NAME}", progress) as bar:
+                predicted = _hash_as_safetensors(rows, metadata, hashing)  # hashed while being written
+                save_file(rows, weights_path, metadata=metadata)
+                weights_sha256 = _verify_safetensors(weights_path, rows, bar, hashing, predicted)  # a future
+            if lora:
+                write_lora(os.path.join(tmp, LORA_ADAPTER_NAME), *lora)
+            provenance = {
+                "source_checkpoint": os.path.normpath(os.fspath(checkpoint_dir)),
+                "source_sha256": source_sha256.result(),
+                "source_format": LEGACY_PT_NAME,
+                "row_start": ckpt.row_start,
+                "row_end": ckpt.row_end,
+                "dtype": _dtype_name(out_dtype),
+            }
+            if out_dtype != ckpt.dtype:
+                provenance["source_dtype"] = _dtype_name(ckpt.dtype)
+            if config.base_model_name_or_path != ckpt.base_llm:
+                provenance["source_base_llm"] = ckpt.base_llm
+            if report_path:
+                provenance["eval_report"] = report_path
+            if lora_dir is not None:
+                provenance["source_lora"] = os.path.normpath(os.fspath(lora_dir))
+            # the card (README.md) records the rows' size and sha256, the provenance and the eval numbers
+            write_model_card(
+                tmp, config, provenance=provenance, eval_report=report, carry_over=False,
+                weights_sha256=weights_sha256.result,  # awaited after rendering
+            )
     return target
+
+
+def _storable(rows: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The rows in ``dtype``, contiguous, each in a storage of its own: safetensors refuses overlapping views of
+    one storage (a tied trainer's lm_head may be the embeddings tensor itself, or a view of the same matrix).
+    A tensor is copied only when it is not so already (a view of a larger storage is fine: only its own bytes
+    are written)."""
+    storable: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for key, tensor in rows.items():
+        tensor = tensor.to(dtype)
+        if not tensor.is_contiguous() or tensor.untyped_storage().data_ptr() in storages:
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        storages.add(tensor.untyped_storage().data_ptr())
+        storable[key] = tensor
+    return storable
+
+
+# ---------------------------------------------------------------------------------------- hashing, read-back
+_READ_BLOCK = 1 << 20  # file reads (hashing, read-back comparison): 1 MiB, the fastest measured
+_MEMORY_BLOCK = 1 << 24  # in-memory hashing: 16 MiB per step (between checks for abandonment)
+
+
+class _Abandoned(Exception):
+    """A hashing job stopped because the conversion it served failed."""
+
+
+class _Sha256Jobs:
+    """sha256 jobs on worker threads: hashlib releases the GIL on large blocks, so they run beside the
+    caller's loading, checking and writing. Leaving the ``with`` block (by an error too) stops the jobs still
+    running and waits for them: no thread outlives the call."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="uti-peft-sha256")
+
+    def __enter__(self) -> "_Sha256Jobs":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def file(self, path: str, progress: Optional[bool]) -> "Future[str]":
+        """The sha256 of a file's bytes (with a ``reading NAME`` progress bar)."""
+        return self._pool.submit(self._file, path, progress)
+
+    def buffers(self, buffers: list[memoryview]) -> "Future[str]":
+        """The sha256 of the concatenation of ``buffers`` (memory that must not change meanwhile)."""
+        return self._pool.submit(self._buffers, buffers)
+
+    def _check(self) -> None:
+        if self._stop.is_set():
+            raise _Abandoned
+
+    def _file(self, path: str, progress: Optional[bool]) -> str:
+        digest = hashlib.sha256()
+        block = bytearray(_READ_BLOCK)
+        view = memoryview(block)
+        with open(path, "rb", buffering=0) as f, _bar(os.path.getsize(path), f"reading {os.path.basename(path)}",
+                                                       progress) as bar:
+            while n := f.readinto(block):
+                self._check()
+                digest.update(view[:n])
+                bar.update(n)
+        return digest.hexdigest()
+
+    def _buffers(self, buffers: list[memoryview]) -> str:
+        digest = hashlib.sha256()
+        for buffer in buffers:
+            for start in range(0, len(buffer), _MEMORY_BLOCK):
+                self._check()
+                digest.update(buffer[start : start + _MEMORY_BLOCK])
+        return digest.hexdigest()
+
+
+def _byte_view(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy (the view keeps the tensor alive)."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def _hash_as_safetensors(
+    rows: dict[str, torch.Tensor], metadata: dict[str, str], hashing: _Sha256Jobs
+) -> tuple[bytes, "Future[str]"]:
+    """Start hashing the file that ``save_file(rows, metadata=metadata)`` is expected to write, before it is
+    written: ``(predicted header bytes, future sha256)``. safetensors stores tensors of one dtype in name
+    order, behind a compact JSON header padded with spaces to 8 bytes; `_verify_safetensors` uses the
+    future only if the header actually written is byte for byte this one."""
+    codes = {name: code for code, name in _SAFETENSORS_DTYPES.items()}
+    header: dict[str, Any] = {"__metadata__": metadata}
+    position = 0
+    for key in sorted(rows):
+        tensor = rows[key]
+        nbytes = tensor.numel() * tensor.element_size()
+        header[key] = {
+            "dtype": codes.get(_dtype_name(tensor.dtype), "?"),
+            "shape": list(tensor.shape),
+            "data_offsets": [position, position + nbytes],
+        }
+        position += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    prefix = struct.pack("<Q", len(raw)) + raw
+    return prefix, hashing.buffers([memoryview(prefix), *(_byte_view(rows[key]) for key in sorted(rows))])
+
+
+def _verify_safetensors(
+    path: str,
+    rows: dict[str, torch.Tensor],
+    bar: tqdm,
+    hashing: _Sha256Jobs,
+    predicted: Optional[tuple[bytes, "Future[str]"]] = None,
+) -> "Future[str]":
+    """Read back a safetensors file just written from ``rows``, or refuse the write: its header must list exactly
+    these tensors (dtype, shape, packed offsets), its size must be header + rows, and its data must equal the
+    rows' bytes. Returns the file's sha256 as a future: it is hashed on a worker thread, from the header bytes
+    read back and the rows in memory (the file's very bytes, as the comparison proves), while the data is
+    compared and whatever the caller does next; or, when the header read back is the one ``predicted`` (see
+    `_hash_as_safetensors`), it is the hash of these very bytes, started before the file was written."""
+    size = os.path.getsize(path)
+    differs = f"{path}: read back differs from what was written"
+    with open(path, "rb", buffering=0) as f:
+        prefix = _read_exact(f, 8)
+        if len(prefix) != 8 or struct.unpack("<Q", prefix)[0] > size - 8:
+            raise LegacyCheckpointError(f"{differs} (truncated header, {size} bytes)")
+        prefix += _read_exact(f, struct.unpack("<Q", prefix)[0])
+        try:
+            entries = {k: v for k, v in json.loads(prefix[8:]).items() if k != "__metadata__"}
+            order = sorted(entries, key=lambda k: entries[k]["data_offsets"][0])
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            raise LegacyCheckpointError(f"{differs} (unreadable header: {exc})") from None
+        if set(entries) != set(rows):
+            raise LegacyCheckpointError(f"{path}: wrote {sorted(entries)} but expected {sorted(rows)}")
+        buffers, position = [], 0
+        for key in order:
+            tensor, entry = rows[key], entries[key]
+            nbytes = tensor.numel() * tensor.element_size()
+            if (
+                _SAFETENSORS_DTYPES.get(entry.get("dtype")) != _dtype_name(tensor.dtype)
+                or entry.get("shape") != list(tensor.shape)
+                or entry.get("data_offsets") != [position, position + nbytes]
+            ):
+                raise LegacyCheckpointError(
+                    f"{differs}: {key} is {entry}, expected {list(tensor.shape)} {tensor.dtype}"
+                )
+            buffers.append(_byte_view(tensor))
+            position += nbytes
+        if len(prefix) + position != size:
+            raise LegacyCheckpointError(
+                f"{differs}: {size} bytes, header and rows account for {len(prefix) + position}"
+            )
+        if predicted is not None and predicted[0] == prefix:
+            sha256 = predicted[1]  # the same header, hence the same order of the same rows: the same bytes
+        else:
+            sha256 = hashing.buffers([memoryview(prefix), *buffers])
+        block = bytearray()
+        for key, buffer in zip(order, buffers):
+            for start in range(0, len(buffer), _READ_BLOCK):
+                expected = buffer[start : start + _READ_BLOCK]
+                if len(block) != len(expected):
+                    block = bytearray(len(expected))
+                if _read_exact_into(f, block) != len(block) or block != expected:  # bytearray == view: memcmp
+                    raise LegacyCheckpointError(f"{path}: {key} read back differs from what was written")
+                bar.update(len(expected))
+    return sha256
+
+
+def _read_exact(f, n: int) -> bytes:
+    block = bytearray(n)
+    return bytes(block[: _read_exact_into(f, block)])
+
+
+def _read_exact_into(f, block: bytearray) -> int:
+    """Fill ``block`` from ``f`` (an unbuffered file may return short reads); the count read (short at EOF)."""
+    view, filled = memoryview(block), 0
+    while filled < len(block):
+        got = f.readinto(view[filled:])
+        if not got:
+            break
+        filled += got
+    return filled
 
 
 def _parse_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
