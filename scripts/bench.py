@@ -916,9 +916,10 @@ def notes(params: Params) -> list[str]:
         f"{params.decode_steps} greedy decode steps with the KV cache, explicit loop; ours and merged alternate.",
     ]
     if not params.quick:
-        out.append("On CPUs without native bf16 (AVX2), a bf16 matmul grad_out @ weight with K = vocab (the lm_head's "
-                   "input gradient) runs at ~0.3 GFLOP/s (~20 s per token at this shape) in both training recipes; "
-                   "hence the short default sequence. Issue sizes on a bigger machine: --prefill-tokens 512 "
+        out.append("On CPUs without native bf16 (AVX2), PyTorch's bf16 matmul grad_out @ weight with K = vocab (the "
+                   "lm_head's input gradient) runs at ~0.3 GFLOP/s (~20 s per token at this shape): the legacy recipe "
+                   "pays it, uti-peft's backward accumulates that product in float32 blocks on the CPU instead; hence "
+                   "the short default sequence. Issue sizes on a bigger machine: --prefill-tokens 512 "
                    "--decode-steps 32 --train-seq-len 512 --train-steps 3 --full-warmup.")
     return out
 
