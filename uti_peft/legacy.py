@@ -37,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .card import CARD_NAME
+from .card import CARD_NAME, file_sha256
 from .config import TOKEN_SPACE_NAME, RowExtensionConfig
 from .lora import LORA_ADAPTER_NAME, read_legacy_lora, write_lora
 from .model import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
@@ -518,7 +518,7 @@ def _storable(rows: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, to
 
 
 # ---------------------------------------------------------------------------------------- hashing, read-back
-_READ_BLOCK = 1 << 20  # file reads (hashing, read-back comparison): 1 MiB, the fastest measured
+_READ_BLOCK = 1 << 20  # read-back comparison: 1 MiB reads, the fastest measured
 _MEMORY_BLOCK = 1 << 24  # in-memory hashing: 16 MiB per step (between checks for abandonment)
 
 
@@ -543,8 +543,8 @@ class _Sha256Jobs:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def file(self, path: str, progress: Optional[bool]) -> "Future[str]":
-        """The sha256 of a file's bytes (with a ``reading NAME`` progress bar)."""
-        return self._pool.submit(self._file, path, progress)
+        """The sha256 of a file's bytes (with a ``reading NAME`` progress bar); not abandoned midway."""
+        return self._pool.submit(file_sha256, path, progress=progress)
 
     def buffers(self, buffers: list[memoryview]) -> "Future[str]":
         """The sha256 of the concatenation of ``buffers`` (memory that must not change meanwhile)."""
@@ -553,18 +553,6 @@ class _Sha256Jobs:
     def _check(self) -> None:
         if self._stop.is_set():
             raise _Abandoned
-
-    def _file(self, path: str, progress: Optional[bool]) -> str:
-        digest = hashlib.sha256()
-        block = bytearray(_READ_BLOCK)
-        view = memoryview(block)
-        with open(path, "rb", buffering=0) as f, _bar(os.path.getsize(path), f"reading {os.path.basename(path)}",
-                                                       progress) as bar:
-            while n := f.readinto(block):
-                self._check()
-                digest.update(view[:n])
-                bar.update(n)
-        return digest.hexdigest()
 
     def _buffers(self, buffers: list[memoryview]) -> str:
         digest = hashlib.sha256()
