@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from uti_peft.cli import build_parser
+from uti_peft.data import PaddingCollator, prepare
 from uti_peft.evaluation import evaluate
 from uti_peft.model import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
 from uti_peft.tiny import build_tiny_qwen3, tiny_token_space
@@ -126,6 +127,14 @@ def test_per_task_loss_in_the_logs_equals_the_evaluation_numbers(data_file, tmp_
         assert logs[0][f"loss/{task}"] == pytest.approx(report["loss_token_weighted"][task], rel=1e-5)
     saved = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
     assert saved["log_history"][0]["loss/t2i"] == logs[0]["loss/t2i"]
+
+    # the trainer's loss (computed once, from the same token losses) is the model's own causal-LM loss
+    prepared = [prepare(e, TS, 2048, "left") for e in examples]
+    batch = PaddingCollator(TS.pad_token_id)(prepared)
+    with torch.no_grad():
+        expected = trainer.model(**batch).loss
+        ours = trainer.compute_loss(trainer.model, dict(batch))
+    assert ours.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_separate_learning_rates_per_kind_of_parameter(data_file, tmp_path):

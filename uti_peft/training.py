@@ -185,10 +185,9 @@ class TaskLossMeter:
         self.tasks = list(tasks)
         self._totals: Optional[torch.Tensor] = None  # [2, tasks]: loss sums, token counts (float64)
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor, task_index: torch.Tensor) -> None:
-        """Add a batch: the same shifted token losses the model's loss is made of (see `scored_token_losses`)."""
+    def update(self, losses: torch.Tensor, rows: torch.Tensor, task_index: torch.Tensor) -> None:
+        """Add a batch's scored token losses (`scored_token_losses`) and the batch row of each."""
         with torch.no_grad():
-            losses, rows = scored_token_losses(logits.detach(), labels)
             task_of_token = task_index.to(rows.device)[rows]
             totals = self._buffer(losses.device)
             totals[0].index_add_(0, task_of_token, losses.double())
@@ -219,7 +218,8 @@ class RowExtensionTrainer(Trainer):
     def __init__(self, *args: Any, tasks: Sequence[str], learning_rates: Mapping[str, float], **kwargs: Any):
         self.learning_rates = dict(learning_rates)
         self.task_losses = TaskLossMeter(tasks)
-        super().__init__(*args, **kwargs)
+        self._task_index: Optional[torch.Tensor] = None
+        super().__init__(*args, compute_loss_func=self._token_loss, **kwargs)
 
     def create_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer class and settings (AdamW by default), over `parameter_groups`."""
@@ -237,12 +237,22 @@ class RowExtensionTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Optional[torch.Tensor] = None,
     ) -> Any:
-        """The Trainer's loss; the batch's token losses are also added to the per-task meter when training."""
-        task_index = inputs.pop(TASK_INDEX_KEY, None)  # bookkeeping, not a model input
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if task_index is not None and model.training:
-            self.task_losses.update(outputs["logits"], inputs["labels"], task_index)
-        return (loss, outputs) if return_outputs else loss
+        """The Trainer's loss (computed by `_token_loss`); ``task_index`` is bookkeeping, not a model input."""
+        task_index = inputs.pop(TASK_INDEX_KEY, None)
+        self._task_index = task_index if model.training else None
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def _token_loss(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Optional[torch.Tensor] = None):
+        """The causal-LM loss from the scored token losses, computed once for the loss and the per-task meter:
+        their sum over the accumulated batch's token count (``num_items_in_batch``), else their mean, as
+        transformers' own causal-LM loss does."""
+        losses, rows = scored_token_losses(outputs["logits"], labels)
+        if self._task_index is not None:
+            self.task_losses.update(losses.detach(), rows, self._task_index)
+        count = num_items_in_batch if num_items_in_batch is not None else losses.numel()
+        if torch.is_tensor(count):
+            count = count.to(losses.device)
+        return losses.sum() / count
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         """Training logs (the ones with ``loss``, logged at the same step on every process) get ``loss/<task>``."""
