@@ -254,14 +254,13 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, examples):
     params = trained_params(single.model)
     assert sorted(params) == sorted(k for k in rank0 if k != "logits")
     for name, param in params.items():
-        if "row_extension_" in name:
-            torch.testing.assert_close(rank0[name], param.detach(), rtol=1e-5, atol=1e-6, msg=name)
-        else:
-            # The all-reduced mean gradient differs from the one-batch gradient in the last float bits; Adam
-            # turns that into a visible difference on a few LoRA entries whose gradient is near zero (LoRA B
-            # starts at zero, so A's first gradients are tiny): measured up to 3e-5 on entries of ~0.1.
-            error = (rank0[name] - param.detach()).norm() / param.detach().norm()
-            assert error < 1e-4, (name, error.item())
+        # The all-reduced mean gradient differs from the one-batch gradient in the last float bits (the order
+        # of the sums differs, and with it the CPU's kernels: AVX2 and AVX512 machines round differently).
+        # Adam turns that into a visible difference on the few entries whose gradient is near zero (a new row
+        # hit once, LoRA A while B is still ~0): measured up to 8e-6 on rows of ~0.02 and 3e-5 on LoRA entries
+        # of ~0.1. A wrong reduction or a missed step moves whole tensors by ~lr = 1e-2, 100x this bound.
+        error = (rank0[name] - param.detach()).norm() / param.detach().norm()
+        assert error < 1e-4, (name, error.item())
 
     saved = load_file(out / WEIGHTS_NAME)
     assert torch.equal(saved[OUTPUT_ROWS_KEY], rank0["base_model.model.lm_head.row_extension_output_rows.default"])
