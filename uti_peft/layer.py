@@ -19,9 +19,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from .errors import RowExtensionError
 from .memory import copy_releasing_source
 
 
@@ -139,16 +140,18 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
 
     # ------------------------------------------------------------------ merge / unload
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Make the base weight hold the rows (it already does, unless they were kept apart) and record it."""
-        for name in adapter_names or self.active_adapters:
-            if name in self.merged_adapters:
-                continue
+        """Make the base weight hold the rows (it already does, unless they were kept apart) and record it.
+
+        As PEFT's tuners do, merging an already merged adapter warns and does nothing, and ``safe_merge`` refuses
+        non-finite rows with PEFT's own message (before the base weight is changed).
+        """
+        for name in check_adapters_to_merge(self, adapter_names):
+            if safe_merge and not torch.isfinite(self.rows(name)).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
             if self.tied_to is None and name not in self._in_place:
                 rows = self.rows(name)
                 rows.data = self._extend_in_place(name, rows.detach())
             self.attach_rows(name)
-            if safe_merge and not torch.isfinite(self.rows(name)).all():
-                raise ValueError(f"non-finite values in the new rows of adapter {name!r}")
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -176,6 +179,36 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
             weight.data = torch.cat([weight.data[:keep], replaced])
         sync_size_attributes(self.base_layer)
 
+    def rows_share_base_storage(self, adapter_name: str) -> bool:
+        """Whether the adapter's rows are the tail of the base weight (one storage, counted once)."""
+        return adapter_name in self._in_place
+
+    def original_base_weight(self) -> torch.Tensor:
+        """The base weight as the base model had it (its own row count and rows), whatever the adapter did to it:
+        what PEFT's ``get_base_model_state_dict`` returns. A view where nothing was replaced, else a new tensor."""
+        weight = self.base_layer.weight.detach()
+        for name in self._in_place:
+            keep, replaced = self.text_vocab_size[name], self.row_extension_replaced[name]
+            return weight[:keep] if replaced.shape[0] == 0 else torch.cat([weight[:keep], replaced.to(weight)])
+        return weight
+
+    def load_original_base_weight(self, value: torch.Tensor) -> None:
+        """Load a base weight given in the base model's own shape (PEFT's ``set_base_model_state_dict``), leaving
+        the adapter's rows as they are."""
+        expected = tuple(self.original_base_weight().shape)
+        if tuple(value.shape) != expected:
+            raise RowExtensionError(
+                f"base weight of shape {tuple(value.shape)} given for a layer whose base weight has shape {expected}"
+            )
+        weight = self.base_layer.weight.data
+        with torch.no_grad():
+            for name in self._in_place:
+                keep = self.text_vocab_size[name]
+                weight[:keep].copy_(value[:keep])
+                self.row_extension_replaced[name] = value[keep:].to(weight, copy=True)
+                return
+            weight.copy_(value)
+
     def enable_adapters(self, enabled: bool) -> None:
         if not enabled:
             raise RuntimeError(
@@ -197,6 +230,22 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
         for name in self.active_adapters:
             owner.attach_rows(name)
 
+    def effective_rows(self) -> int:
+        """Rows of the effective matrix: ``vocab_size`` while an adapter is active, else the base's own."""
+        name = self.active_adapters[0] if self.active_adapters else None
+        if name not in self.text_vocab_size:
+            return self.base_layer.weight.shape[0]
+        return self.text_vocab_size[name] + self.rows(name).shape[0]
+
+    def effective_weight(self) -> torch.Tensor:
+        """The ``[vocab_size, hidden]`` matrix this layer computes with: the base weight itself where the rows
+        live in its tail, else (an untied input embedding, whose rows are kept apart) a new concatenation."""
+        weight = self.base_layer.weight
+        name = self.active_adapters[0] if self.active_adapters else None
+        if name not in self.text_vocab_size or weight.shape[0] == self.effective_rows():
+            return weight
+        return torch.cat([weight[: self.text_vocab_size[name]], self.rows(name).to(weight.dtype)])
+
     def __repr__(self) -> str:
         return "row_extension." + super().__repr__()
 
@@ -206,6 +255,19 @@ class RowExtensionEmbedding(RowExtensionLayer):
     gathers); gradients only to the new rows."""
 
     adapter_layer_names = ("row_extension_input_rows",)
+
+    # what nn.Embedding exposes (and libraries read), with the extended row count
+    @property
+    def num_embeddings(self) -> int:
+        return self.effective_rows()
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base_layer.embedding_dim
+
+    @property
+    def padding_idx(self) -> Optional[int]:
+        return self.base_layer.padding_idx
 
     def forward(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self._prepare_forward()
@@ -235,6 +297,15 @@ class RowExtensionLinear(RowExtensionLayer):
     """lm_head with new rows: one full-width matmul (exact), gradients only to the new rows."""
 
     adapter_layer_names = ("row_extension_output_rows",)
+
+    # what nn.Linear exposes (and libraries read), with the extended row count
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.effective_rows()
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self._prepare_forward()

@@ -18,20 +18,18 @@ from peft.utils import load_peft_weights
 from torch import nn
 
 from .config import RowExtensionConfig
+from .errors import RowExtensionError
 from .layer import RowExtensionEmbedding, RowExtensionLayer, RowExtensionLinear, sync_size_attributes
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 INPUT_ROWS_KEY = "input_embeddings.new_rows"
 OUTPUT_ROWS_KEY = "output_embeddings.new_rows"
+_PEFT_KEY_PREFIX = "base_model.model."
 # on-disk key of each layer role's parameter container
 _CANONICAL_KEYS = {
     RowExtensionEmbedding.adapter_layer_names[0]: INPUT_ROWS_KEY,
     RowExtensionLinear.adapter_layer_names[0]: OUTPUT_ROWS_KEY,
 }
-
-
-class RowExtensionError(ValueError):
-    """An adapter does not fit the base model (or its own files); the base model was left untouched."""
 
 
 @dataclass
@@ -87,11 +85,11 @@ class RowExtensionModel(BaseTuner):
             raise RowExtensionError(
                 f"the model already carries a row-extension adapter (on {existing}); cannot add {adapter_name!r}"
             )
-        self._plan = plan = _plan_injection(model, config)
+        # ``state_dict`` (transformers' ``load_adapter(adapter_state_dict=...)``) holds the rows to load; PEFT would
+        # use its keys to pick targets, which ours are not named after, so it is not passed on.
+        self._plan = plan = _plan_injection(model, config, state_dict)
         try:
-            super().inject_adapter(
-                model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict
-            )
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage)
         finally:
             del self._plan
         text_config = model.config.get_text_config()
@@ -200,7 +198,7 @@ def _module_name(model: nn.Module, module: nn.Module) -> str:
     raise RowExtensionError(f"module {module} is not part of the model")
 
 
-def _plan_injection(model: nn.Module, config: RowExtensionConfig) -> _Plan:
+def _plan_injection(model: nn.Module, config: RowExtensionConfig, state_dict: Optional[dict] = None) -> _Plan:
     input_module, output_module = _embedding_modules(model)
     if input_module is None or getattr(input_module, "weight", None) is None:
         raise RowExtensionError("the base model has no input embedding (get_input_embeddings() returned none)")
@@ -229,7 +227,12 @@ def _plan_injection(model: nn.Module, config: RowExtensionConfig) -> _Plan:
         )
 
     source = getattr(config, "weights_source", None)
-    saved = _load_saved_rows(source, input_module.weight) if source else {}
+    if state_dict is not None:
+        saved, where = canonical_rows(state_dict), "the given adapter state dict"
+    elif source:
+        saved, where = canonical_rows(_load_saved_rows(source, input_module.weight)), f"{source[0]}: {WEIGHTS_NAME}"
+    else:
+        saved, where = {}, None
     lora = None
     if config.lora_adapter is not None:
         if not source:
@@ -240,12 +243,13 @@ def _plan_injection(model: nn.Module, config: RowExtensionConfig) -> _Plan:
         from .lora import read_lora
 
         lora = read_lora(source, config.lora_adapter, model, input_module.weight.device)
-    if source:
+    if where:
         from .hub import check_base_model
 
         rows = saved.get(INPUT_ROWS_KEY, saved.get(OUTPUT_ROWS_KEY))
         check_base_model(config, model, adapter_hidden_size=rows.shape[-1] if rows is not None and rows.dim() == 2 else None)
-    _check_saved_rows(saved, config, input_module.weight.shape[1], names["input"], source)
+    if where:
+        _check_saved_rows(saved, config, input_module.weight.shape[1], names["input"], where)
 
     has_output_rows = OUTPUT_ROWS_KEY in saved
     if tied and has_output_rows:
@@ -264,12 +268,12 @@ def _plan_injection(model: nn.Module, config: RowExtensionConfig) -> _Plan:
     if output_module is not None and not tied:
         if has_output_rows and INPUT_ROWS_KEY not in saved:
             raise RowExtensionError(
-                f"{source[0]}: {WEIGHTS_NAME} holds lm_head rows only, but the base's {names['input']} is not tied "
+                f"{where} holds lm_head rows only, but the base's {names['input']} is not tied "
                 f"to {names['output']}: its new input rows would be undefined"
             )
         if has_output_rows:
             output_rows = saved[OUTPUT_ROWS_KEY]
-        elif source or config.head_rows == "mean":
+        elif where or config.head_rows == "mean":
             output_trained = False
             output_rows = _mean_rows(output_module.weight, config)
             warnings.warn(
@@ -280,6 +284,16 @@ def _plan_injection(model: nn.Module, config: RowExtensionConfig) -> _Plan:
         else:
             output_rows = _init_rows(output_module.weight, config)
     return _Plan(input_module, output_module, tied, input_rows, output_rows, output_trained, lora)
+
+
+def canonical_rows(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The rows under their on-disk names. transformers' ``save_pretrained`` of an adapter written before uti-peft
+    handled it prefixed every key with ``base_model.model.``; such files load the same."""
+    canonical = {INPUT_ROWS_KEY, OUTPUT_ROWS_KEY}
+    return {
+        key.removeprefix(_PEFT_KEY_PREFIX) if key.removeprefix(_PEFT_KEY_PREFIX) in canonical else key: value
+        for key, value in state_dict.items()
+    }
 
 
 def _load_saved_rows(source: tuple[str, dict], like: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -294,10 +308,7 @@ def _load_saved_rows(source: tuple[str, dict], like: torch.Tensor) -> dict[str, 
         raise RowExtensionError(f"cannot read the adapter weights {WEIGHTS_NAME} of {where!r}: {exc}") from exc
 
 
-def _check_saved_rows(saved: dict, config: RowExtensionConfig, hidden: int, input_name: str, source) -> None:
-    if not source:
-        return
-    where = f"{source[0]}: {WEIGHTS_NAME}"
+def _check_saved_rows(saved: dict, config: RowExtensionConfig, hidden: int, input_name: str, where: str) -> None:
     unknown = sorted(set(saved) - {INPUT_ROWS_KEY, OUTPUT_ROWS_KEY})
     if unknown:
         raise RowExtensionError(f"{where} holds tensors this adapter type does not know: {unknown}")

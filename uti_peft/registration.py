@@ -85,6 +85,8 @@ def register() -> None:
         )
     _install_rows_only_saving()
 
+    from ._compat import install_transformers_doors
     from .hub import install as install_hub_integration
 
     install_hub_integration()
+    install_transformers_doors()

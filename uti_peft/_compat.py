@@ -1,0 +1,325 @@
+"""Where uti-peft reaches into transformers and PEFT: the doors they open to adapters, made exact for ours.
+
+transformers loads a PEFT adapter itself (``AutoModelForCausalLM.from_pretrained(adapter)``,
+``model.load_adapter(adapter)``, ``pipeline(model=adapter)``): it injects the adapter's modules, then loads
+the weights by parameter name and *initialises whatever it did not find*. A row-extension adapter stores
+its rows under architecture-independent names (``input_embeddings.new_rows``), and whether an lm_head's rows
+are trained, derived or shared with a tied embedding, and whether a LoRA sits beside them, is decided from
+the files; so that path would leave freshly initialised rows in place without an error. transformers has
+no hook for a PEFT method to load its own weights, hence the narrow patches below: each acts only for
+row-extension adapters and hands every other adapter to the original code unchanged.
+
+Checked with transformers 5.24 (the versions in `CHECKED_WITH`); another version warns once at import.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft import PeftConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import save_file
+
+from .config import RowExtensionConfig, find_row_extension_adapter
+from .layer import RowExtensionLayer
+from .model import WEIGHTS_NAME, RowExtensionError
+
+CHECKED_WITH = {"transformers": ("5.",), "peft": ("0.21.",)}
+_MARK = "__uti_peft_compat__"
+_DOWNLOAD_KEYS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
+
+
+# ---------------------------------------------------------------------- which adapters are ours
+def _is_row_extension_file(config_file: Optional[str]) -> bool:
+    if not config_file or not os.path.isfile(config_file):
+        return False
+    with open(config_file, encoding="utf-8") as f:
+        return json.load(f).get("peft_type") == "ROW_EXTENSION"
+
+
+def carries_row_extension(model: Any) -> bool:
+    """Whether ``model`` (a PeftModel or a transformers model with adapters) carries a row-extension adapter."""
+    configs = getattr(model, "peft_config", None) or {}
+    return any(isinstance(c, RowExtensionConfig) for c in configs.values())
+
+
+def _download_kwargs(load_config: Any, adapter_kwargs: Optional[dict], kwargs: dict, local_files_only: bool) -> dict:
+    """The Hub arguments transformers' ``load_adapter`` would use for the adapter's files."""
+    merged = dict(getattr(load_config, "download_kwargs", None) or {})
+    merged.update({k: v for k, v in kwargs.items() if k in _DOWNLOAD_KEYS})
+    merged.update(adapter_kwargs or {})
+    if local_files_only:
+        merged["local_files_only"] = True
+    return {k: v for k, v in merged.items() if k in _DOWNLOAD_KEYS and v is not None}
+
+
+# ---------------------------------------------------------------------- transformers' load_adapter
+def load_row_extension_adapter(
+    model: Any,
+    peft_model_id: Optional[str],
+    adapter_name: str,
+    *,
+    peft_config: Optional[RowExtensionConfig] = None,
+    adapter_state_dict: Optional[dict] = None,
+    is_trainable: bool = False,
+    download_kwargs: Optional[dict] = None,
+) -> None:
+    """What ``model.load_adapter(...)`` does for a row-extension adapter: the tuner reads, checks and patches the
+    rows (and loads the adapter's LoRA) exactly as ``PeftModel.from_pretrained`` does."""
+    if peft_config is None:
+        peft_config = RowExtensionConfig.from_pretrained(peft_model_id, **(download_kwargs or {}))
+    elif adapter_state_dict is None and getattr(peft_config, "weights_source", None) is None:
+        raise RowExtensionError(
+            "load_adapter(peft_config=...) with a row-extension config needs its rows: pass adapter_state_dict= or "
+            "load the adapter by path or Hub id"
+        )
+    peft_config.inference_mode = not is_trainable
+    inject_adapter_in_model(peft_config, model, adapter_name, state_dict=adapter_state_dict)
+    model._hf_peft_config_loaded = True
+    if peft_config.inference_mode:
+        model.eval()
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.requires_grad_(False)
+
+
+def _load_adapter(original):
+    @functools.wraps(original)
+    def load_adapter(self, peft_model_id=None, adapter_name=None, peft_config=None, adapter_state_dict=None,
+                     low_cpu_mem_usage=False, is_trainable=False, hotswap="auto", local_files_only=False,
+                     adapter_kwargs=None, load_config=None, **kwargs):
+        from transformers.utils import find_adapter_config_file
+        from transformers.utils.loading_report import LoadStateDictInfo
+
+        download = _download_kwargs(load_config, adapter_kwargs, kwargs, local_files_only)
+        peft_model_id = peft_model_id or getattr(load_config, "pretrained_model_name_or_path", None)
+        if isinstance(peft_config, dict):
+            peft_config = PeftConfig.from_peft_type(**peft_config)
+        ours = isinstance(peft_config, RowExtensionConfig) or (
+            peft_config is None and peft_model_id is not None
+            and _is_row_extension_file(find_adapter_config_file(peft_model_id, **download))
+        )
+        if not ours:
+            return original(self, peft_model_id, adapter_name, peft_config, adapter_state_dict, low_cpu_mem_usage,
+                            is_trainable, hotswap, local_files_only, adapter_kwargs, load_config, **kwargs)
+        adapter_name = adapter_name or "default"
+        if hotswap is True:
+            raise RowExtensionError("hotswap=True: a row-extension adapter cannot be hot-swapped (it resizes the model)")
+        if self._hf_peft_config_loaded and adapter_name in self.peft_config:
+            raise ValueError(f"Adapter with name {adapter_name} already exists. Please use a different name.")
+        load_row_extension_adapter(self, peft_model_id, adapter_name, peft_config=peft_config,
+                                   adapter_state_dict=adapter_state_dict, is_trainable=is_trainable,
+                                   download_kwargs=download)
+        return LoadStateDictInfo(set(), set(), set(), [], {}, set())
+
+    setattr(load_adapter, _MARK, original)
+    return load_adapter
+
+
+# ---------------------------------------------------------------------- transformers' save_pretrained
+def save_row_extension_adapter(model: Any, save_directory: str | os.PathLike) -> None:
+    """Write what ``PeftModel.save_pretrained`` writes for the model's row-extension adapter (rows only, config,
+    token space, card) and its LoRA in ``<adapter>/<lora name>/``, for a transformers model loaded or fitted
+    with one. Files are written in a temporary directory beside the target and moved in at the end."""
+    from peft.utils import get_peft_model_state_dict
+
+    from .lora import _PEFT_KEY_PREFIX, write_lora
+
+    name, config = find_row_extension_adapter(model.peft_config)
+    rows = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
+    save_directory = os.fspath(save_directory)
+    os.makedirs(save_directory, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=save_directory, prefix=".uti-peft-save-") as tmp:
+        save_file({k: v.contiguous() for k, v in rows.items()}, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        if config.lora_adapter:
+            lora = get_peft_model_state_dict(model, adapter_name=config.lora_adapter)
+            write_lora(os.path.join(tmp, config.lora_adapter), model.peft_config[config.lora_adapter],
+                       {_PEFT_KEY_PREFIX + k: v for k, v in lora.items()})
+        for entry in os.listdir(tmp):
+            target = os.path.join(save_directory, entry)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(tmp, entry), target)
+
+
+def _save_pretrained(original):
+    @functools.wraps(original)
+    def save_pretrained(self, save_directory, is_main_process=True, *args, **kwargs):
+        if not (getattr(self, "_hf_peft_config_loaded", False) and carries_row_extension(self)):
+            return original(self, save_directory, is_main_process, *args, **kwargs)
+        if kwargs.get("push_to_hub") or kwargs.get("state_dict") is not None:
+            raise RowExtensionError(
+                "save_pretrained(push_to_hub=/state_dict=) of a model with a row-extension adapter: save it to a "
+                "directory and push that with `uti-peft push`"
+            )
+        if is_main_process:
+            save_row_extension_adapter(self, save_directory)
+
+    setattr(save_pretrained, _MARK, original)
+    return save_pretrained
+
+
+# ---------------------------------------------------------------------- an adapter that names no base
+def _no_base_error(adapter: Any) -> RowExtensionError:
+    return RowExtensionError(
+        f"{os.fspath(adapter)!r}: adapter_config.json records no base_model_name_or_path (the adapter was saved "
+        "from a model built in memory), so the base cannot be found from the adapter alone. Load the base and "
+        f"pass it: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), {os.fspath(adapter)!r})"
+    )
+
+
+def _maybe_load_adapters(original):
+    @functools.wraps(original)
+    def maybe_load_adapters(pretrained_model_name_or_path, download_kwargs, **adapter_kwargs):
+        adapter_path, base, rest = original(pretrained_model_name_or_path, download_kwargs, **adapter_kwargs)
+        if adapter_path is not None and base is None:
+            from transformers.utils import find_adapter_config_file
+
+            hub = {k: v for k, v in download_kwargs.items() if k in _DOWNLOAD_KEYS}
+            if _is_row_extension_file(find_adapter_config_file(adapter_path, **hub)):
+                raise _no_base_error(adapter_path)
+        return adapter_path, base, rest
+
+    setattr(maybe_load_adapters, _MARK, original)
+    return maybe_load_adapters
+
+
+def _auto_peft_from_pretrained(original):
+    @functools.wraps(original)
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        config = kwargs.get("config")
+        if config is None:
+            config = PeftConfig.from_pretrained(
+                pretrained_model_name_or_path, revision=kwargs.get("revision"),
+                **{k: v for k, v in kwargs.items() if k in _DOWNLOAD_KEYS and k != "revision"},
+            )
+        if isinstance(config, RowExtensionConfig) and not config.base_model_name_or_path:
+            raise _no_base_error(pretrained_model_name_or_path)
+        return original(cls, pretrained_model_name_or_path, *args, **kwargs)
+
+    setattr(from_pretrained, _MARK, original)
+    return from_pretrained
+
+
+# ---------------------------------------------------------------------- PEFT's parameter counts
+def _count_rows_once(original):
+    @functools.wraps(original)
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable, total = original(self)
+        # rows kept in the tail of the base weight are that weight's elements too: count them once
+        shared = sum(
+            module.rows(name).numel()
+            for module in self.modules()
+            if isinstance(module, RowExtensionLayer) and module.tied_to is None
+            for name in module.text_vocab_size
+            if module.rows_share_base_storage(name)
+        )
+        return trainable, total - shared
+
+    setattr(get_nb_trainable_parameters, _MARK, original)
+    return get_nb_trainable_parameters
+
+
+# ---------------------------------------------------------------------- PEFT's base-model state dict
+def _base_state_dict(original):
+    @functools.wraps(original)
+    def get_base_model_state_dict(model) -> dict[str, torch.Tensor]:
+        state = original(model)
+        for key, module in _row_layers_by_base_key(model).items():
+            state[key] = module.original_base_weight()
+        return state
+
+    setattr(get_base_model_state_dict, _MARK, original)
+    return get_base_model_state_dict
+
+
+def _set_base_state_dict(original):
+    @functools.wraps(original)
+    def set_base_model_state_dict(model, state_dict: dict[str, torch.Tensor], strict: bool = True):
+        state_dict = dict(state_dict)
+        weights = {key: state_dict.pop(key) for key in _row_layers_by_base_key(model) if key in state_dict}
+        result = original(model, state_dict, strict=False)
+        missing = [k for k in result.missing_keys if k not in _row_layers_by_base_key(model)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"Error(s) in loading state_dict: missing {missing}, unexpected {list(result.unexpected_keys)}"
+            )
+        for key, module in _row_layers_by_base_key(model).items():
+            if key in weights:
+                module.load_original_base_weight(weights[key])
+        return type(result)(missing_keys=missing, unexpected_keys=result.unexpected_keys)
+
+    setattr(set_base_model_state_dict, _MARK, original)
+    return set_base_model_state_dict
+
+
+def _row_layers_by_base_key(model: Any) -> dict[str, RowExtensionLayer]:
+    """The base model's own key of each row-extension layer's weight (``lm_head.weight``), owners only."""
+    inner = model.base_model.model
+    return {
+        f"{name}.weight" if name else "weight": module
+        for name, module in inner.named_modules()
+        if isinstance(module, RowExtensionLayer) and module.tied_to is None
+    }
+
+
+# ---------------------------------------------------------------------- installing
+def _patch(owner: Any, attribute: str, wrapper_factory, *, classmethod_: bool = False) -> None:
+    current = owner.__dict__[attribute]
+    function = current.__func__ if classmethod_ else current
+    if hasattr(function, _MARK):
+        return
+    wrapped = wrapper_factory(function)
+    setattr(owner, attribute, classmethod(wrapped) if classmethod_ else wrapped)
+
+
+def _rebind(module_prefix: str, name: str, wrapper_factory) -> None:
+    """Replace the function ``name`` in every loaded module under ``module_prefix`` that holds it."""
+    import sys
+
+    modules = [m for n, m in list(sys.modules.items()) if n == module_prefix or n.startswith(module_prefix + ".")]
+    originals = {getattr(m, name) for m in modules if callable(getattr(m, name, None))}
+    for original in originals:
+        if hasattr(original, _MARK):
+            continue
+        wrapped = wrapper_factory(original)
+        for module in modules:
+            if getattr(module, name, None) is original:
+                setattr(module, name, wrapped)
+
+
+def _warn_on_unchecked_versions() -> None:
+    from importlib.metadata import version
+
+    for dist, prefixes in CHECKED_WITH.items():
+        if not version(dist).startswith(prefixes):
+            warnings.warn(
+                f"uti-peft was checked with {dist} {'/'.join(p + 'x' for p in prefixes)}, found {version(dist)}: "
+                "its adapter-loading integration may not fit this version",
+                stacklevel=3,
+            )
+
+
+def install_transformers_doors() -> None:
+    """Idempotently make transformers' adapter entry points and PEFT's generic helpers exact for our adapters."""
+    import peft.auto
+    import peft.peft_model
+    import transformers.integrations.peft as hf_peft
+    import transformers.modeling_utils as modeling_utils
+
+    _warn_on_unchecked_versions()
+    _patch(hf_peft.PeftAdapterMixin, "load_adapter", _load_adapter)
+    _patch(modeling_utils.PreTrainedModel, "save_pretrained", _save_pretrained)
+    _patch(peft.auto._BaseAutoPeftModel, "from_pretrained", _auto_peft_from_pretrained, classmethod_=True)
+    _patch(peft.peft_model.PeftModel, "get_nb_trainable_parameters", _count_rows_once)
+    _rebind("transformers", "maybe_load_adapters", _maybe_load_adapters)
+    _rebind("peft", "get_base_model_state_dict", _base_state_dict)
+    _rebind("peft", "set_base_model_state_dict", _set_base_state_dict)
