@@ -14,6 +14,7 @@ Checked with transformers 5.24 (the versions in `CHECKED_WITH`); another version
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import json
 import os
@@ -167,6 +168,39 @@ def _save_pretrained(original):
     return save_pretrained
 
 
+# ---------------------------------------------------------------------- transformers' adapter management
+# transformers 5.24 gates its adapter-management methods (active_adapters, enable/disable_adapters,
+# get_adapter_state_dict, ...) on peft >= 0.22, which is not released; what they call exists in peft 0.21.
+# For models that carry a row-extension adapter the gate is opened, so they behave as through a PeftModel.
+_GATE_OPEN: contextvars.ContextVar[bool] = contextvars.ContextVar("uti_peft_peft_gate_open", default=False)
+_GATED_METHODS = ("add_adapter", "set_adapter", "disable_adapters", "enable_adapters", "active_adapters",
+                  "get_adapter_state_dict", "delete_adapter")
+
+
+def _version_gate(original):
+    @functools.wraps(original)
+    def check_peft_version(min_version: str) -> None:
+        if not _GATE_OPEN.get():
+            original(min_version)
+
+    setattr(check_peft_version, _MARK, original)
+    return check_peft_version
+
+
+def _gate_opened_for_ours(original):
+    @functools.wraps(original)
+    def method(self, *args, **kwargs):
+        ours = carries_row_extension(self) or any(isinstance(a, RowExtensionConfig) for a in (*args, *kwargs.values()))
+        token = _GATE_OPEN.set(ours)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _GATE_OPEN.reset(token)
+
+    setattr(method, _MARK, original)
+    return method
+
+
 # ---------------------------------------------------------------------- an adapter that names no base
 def _no_base_error(adapter: Any) -> RowExtensionError:
     return RowExtensionError(
@@ -176,20 +210,22 @@ def _no_base_error(adapter: Any) -> RowExtensionError:
     )
 
 
-def _maybe_load_adapters(original):
+def _base_required(original):
+    """transformers' ``from_pretrained(adapter)`` (the auto classes and ``maybe_load_adapters``) swaps the adapter
+    path for the base it records; a row-extension adapter that records none fails here, before any request."""
+
     @functools.wraps(original)
-    def maybe_load_adapters(pretrained_model_name_or_path, download_kwargs, **adapter_kwargs):
-        adapter_path, base, rest = original(pretrained_model_name_or_path, download_kwargs, **adapter_kwargs)
-        if adapter_path is not None and base is None:
-            from transformers.utils import find_adapter_config_file
+    def find_adapter_config_file(model_id, *args, **kwargs):
+        found = original(model_id, *args, **kwargs)
+        embedded_in_a_model = os.path.isfile(os.path.join(os.fspath(model_id), "config.json"))
+        if _is_row_extension_file(found) and not embedded_in_a_model:
+            with open(found, encoding="utf-8") as f:
+                if not json.load(f).get("base_model_name_or_path"):
+                    raise _no_base_error(model_id)
+        return found
 
-            hub = {k: v for k, v in download_kwargs.items() if k in _DOWNLOAD_KEYS}
-            if _is_row_extension_file(find_adapter_config_file(adapter_path, **hub)):
-                raise _no_base_error(adapter_path)
-        return adapter_path, base, rest
-
-    setattr(maybe_load_adapters, _MARK, original)
-    return maybe_load_adapters
+    setattr(find_adapter_config_file, _MARK, original)
+    return find_adapter_config_file
 
 
 def _auto_peft_from_pretrained(original):
@@ -314,12 +350,17 @@ def install_transformers_doors() -> None:
     import peft.peft_model
     import transformers.integrations.peft as hf_peft
     import transformers.modeling_utils as modeling_utils
+    import transformers.models.auto.auto_factory  # noqa: F401  (loaded lazily by transformers; patched below)
 
     _warn_on_unchecked_versions()
     _patch(hf_peft.PeftAdapterMixin, "load_adapter", _load_adapter)
+    for name in _GATED_METHODS:
+        _patch(hf_peft.PeftAdapterMixin, name, _gate_opened_for_ours)
+    _rebind("transformers.integrations.peft", "check_peft_version", _version_gate)
     _patch(modeling_utils.PreTrainedModel, "save_pretrained", _save_pretrained)
     _patch(peft.auto._BaseAutoPeftModel, "from_pretrained", _auto_peft_from_pretrained, classmethod_=True)
     _patch(peft.peft_model.PeftModel, "get_nb_trainable_parameters", _count_rows_once)
-    _rebind("transformers", "maybe_load_adapters", _maybe_load_adapters)
+    for module in ("transformers.models.auto.auto_factory", "transformers.integrations.peft"):
+        _rebind(module, "find_adapter_config_file", _base_required)
     _rebind("peft", "get_base_model_state_dict", _base_state_dict)
     _rebind("peft", "set_base_model_state_dict", _set_base_state_dict)
