@@ -269,8 +269,9 @@ def _base_state_dict(original):
     @functools.wraps(original)
     def get_base_model_state_dict(model) -> dict[str, torch.Tensor]:
         state = original(model)
-        for key, module in _row_layers_by_base_key(model).items():
-            state[key] = module.original_base_weight()
+        originals: dict[int, torch.Tensor] = {}  # one tensor per owner, as a tied pair shares one
+        for key, owner in _row_layers_by_base_key(model).items():
+            state[key] = originals.setdefault(id(owner), owner.original_base_weight())
         return state
 
     setattr(get_base_model_state_dict, _MARK, original)
@@ -280,17 +281,20 @@ def _base_state_dict(original):
 def _set_base_state_dict(original):
     @functools.wraps(original)
     def set_base_model_state_dict(model, state_dict: dict[str, torch.Tensor], strict: bool = True):
+        layers = _row_layers_by_base_key(model)
         state_dict = dict(state_dict)
-        weights = {key: state_dict.pop(key) for key in _row_layers_by_base_key(model) if key in state_dict}
+        weights = {key: state_dict.pop(key) for key in layers if key in state_dict}
         result = original(model, state_dict, strict=False)
-        missing = [k for k in result.missing_keys if k not in _row_layers_by_base_key(model)]
+        missing = [k for k in result.missing_keys if k not in weights]
         if strict and (missing or result.unexpected_keys):
             raise RuntimeError(
                 f"Error(s) in loading state_dict: missing {missing}, unexpected {list(result.unexpected_keys)}"
             )
-        for key, module in _row_layers_by_base_key(model).items():
-            if key in weights:
-                module.load_original_base_weight(weights[key])
+        loaded: set[int] = set()
+        for key, owner in layers.items():
+            if key in weights and id(owner) not in loaded:
+                owner.load_original_base_weight(weights[key])
+                loaded.add(id(owner))
         return type(result)(missing_keys=missing, unexpected_keys=result.unexpected_keys)
 
     setattr(set_base_model_state_dict, _MARK, original)
@@ -298,12 +302,12 @@ def _set_base_state_dict(original):
 
 
 def _row_layers_by_base_key(model: Any) -> dict[str, RowExtensionLayer]:
-    """The base model's own key of each row-extension layer's weight (``lm_head.weight``), owners only."""
-    inner = model.base_model.model
+    """The base model's own key of each row-extension layer's weight (``lm_head.weight``), mapped to the layer that
+    owns the weight (a tied lm_head's is the input embedding's)."""
     return {
-        f"{name}.weight" if name else "weight": module
-        for name, module in inner.named_modules()
-        if isinstance(module, RowExtensionLayer) and module.tied_to is None
+        f"{name}.weight": module.tied_to or module
+        for name, module in model.base_model.model.named_modules()
+        if isinstance(module, RowExtensionLayer)
     }
 
 

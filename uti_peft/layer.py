@@ -177,6 +177,7 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
             weight.data[keep:].copy_(replaced)
         else:
             weight.data = torch.cat([weight.data[:keep], replaced])
+        self._in_place.discard(adapter_name)
         sync_size_attributes(self.base_layer)
 
     def rows_share_base_storage(self, adapter_name: str) -> bool:

@@ -136,6 +136,14 @@ class RowExtensionModel(BaseTuner):
         """Deliberately a no-op: the rows live inside the base weight and share its dtype, which is what makes
         a bf16 model bit-identical to the legacy-patched one (PEFT would upcast them to float32)."""
 
+    def add_weighted_adapter(self, *args, **kwargs) -> None:
+        """Refused: a model carries one row-extension adapter, and its rows replace base rows rather than adding a
+        weighted delta, so there is nothing to combine."""
+        raise RowExtensionError(
+            "add_weighted_adapter is not supported for row-extension adapters: a model carries one, and its rows "
+            "replace the base's rows instead of adding a delta that could be weighted"
+        )
+
     # ------------------------------------------------------------------ unload / delete
     def _unload_and_optionally_merge(self, merge: bool = True, **kwargs) -> nn.Module:
         modules = [m.get_base_layer() if isinstance(m, RowExtensionLayer) else m for m in _embedding_modules(self.model)]
