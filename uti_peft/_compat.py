@@ -28,6 +28,8 @@ from peft import PeftConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 
+from uti_peft_autoload import ORIGINAL_ATTRIBUTE
+
 from .config import RowExtensionConfig, find_row_extension_adapter
 from .layer import RowExtensionLayer
 from .model import WEIGHTS_NAME, RowExtensionError
@@ -315,6 +317,8 @@ def _row_layers_by_base_key(model: Any) -> dict[str, RowExtensionLayer]:
 def _patch(owner: Any, attribute: str, wrapper_factory, *, classmethod_: bool = False) -> None:
     current = owner.__dict__[attribute]
     function = current.__func__ if classmethod_ else current
+    # uti_peft_autoload's stand-in for load_adapter, which imported us: wrap what it stands in for
+    function = getattr(function, ORIGINAL_ATTRIBUTE, function)
     if hasattr(function, _MARK):
         return
     wrapped = wrapper_factory(function)
