@@ -10,7 +10,7 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 
 import uti_peft
-from uti_peft.model import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
+from uti_peft.constants import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
 from uti_peft.tiny import build_tiny_qwen3, tiny_token_space
 
 TEXT_VOCAB = 1000  # tiny_token_space().text_vocab_size

@@ -11,7 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 import uti_peft
-from uti_peft.model import WEIGHTS_NAME
+from uti_peft.constants import WEIGHTS_NAME
 from uti_peft.tiny import build_tiny_qwen3
 
 from conftest import TEXT_VOCAB

@@ -31,17 +31,16 @@ from transformers import AutoModelForCausalLM
 import uti_peft
 from uti_peft import cli
 from uti_peft.card import card_facts, file_sha256
-from uti_peft.hub import (
-    ADAPTER_FILES,
+from uti_peft.constants import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY
+from uti_peft.errors import (
     AdapterNotFoundError,
     BaseModelMismatchError,
     BaseModelMismatchWarning,
+    RowExtensionError,
     WrongAdapterTypeError,
-    check_adapter_folder,
-    check_base_model,
-    same_model_name,
 )
-from uti_peft.model import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, RowExtensionError
+from uti_peft.hub import ADAPTER_FILES, check_adapter_folder
+from uti_peft.row_extension.base_check import check_base_model, same_model_name
 from uti_peft.tiny import build_tiny_qwen3, tiny_token_space
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -408,7 +407,7 @@ from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 from uti_peft.tiny import tiny_token_space
 
-report = {"wired": hasattr(PeftModel.push_to_hub, "__uti_peft_hub__")}
+report = {"wired": hasattr(PeftModel.push_to_hub, "__uti_peft_compat__")}
 import uti_peft.hub  # a no-op once uti_peft.register() installs the Hub integration
 
 ids = torch.tensor([[0, 7, 999, 1000, 1009, 1100, 1400, 1575]])

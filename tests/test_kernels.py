@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from peft import get_peft_model
 
 import uti_peft
-from uti_peft.layer import _ExtendedLinear
-from uti_peft.model import _init_rows, _mean_rows, _text_row_stats
+from uti_peft.row_extension.layer import _ExtendedLinear
+from uti_peft.row_extension.model import _init_rows, _mean_rows, _text_row_stats
 from uti_peft.tiny import build_tiny_qwen3
 
 from conftest import TEXT_VOCAB, probe_ids

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import uti_peft
 from uti_peft.cli import main
 from uti_peft.legacy import LegacyCheckpointError, _atomic_output, inspect_checkpoint
-from uti_peft.model import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
+from uti_peft.constants import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
 from uti_peft.tiny import build_tiny_qwen3, tiny_token_space
 
 from legacy_fixtures import (

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 import uti_peft
 from uti_peft.cli import main
-from uti_peft.lora import LORA_ADAPTER_NAME
-from uti_peft.model import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
+from uti_peft.row_extension.lora import LORA_ADAPTER_NAME
+from uti_peft.constants import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
 from uti_peft.tiny import build_tiny_qwen3
 
 from conftest import legacy_patch, probe_ids, saved_rows, train_steps

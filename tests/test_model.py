@@ -17,7 +17,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AutoModelForCausalLM
 
 import uti_peft
-from uti_peft.model import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
+from uti_peft.constants import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
 from uti_peft.tiny import build_tiny_qwen3
 
 from conftest import BASE_ROWS, TEXT_VOCAB, legacy_model_for, probe_ids, saved_rows, train_steps

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from uti_peft.cli import build_parser
 from uti_peft.data import PaddingCollator, prepare
 from uti_peft.evaluation import evaluate
-from uti_peft.model import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
+from uti_peft.constants import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
 from uti_peft.tiny import build_tiny_qwen3, tiny_token_space
 from uti_peft.training import build_model, load_base, parameter_groups, train
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, pipeline
 
 import uti_peft
-from uti_peft.model import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
+from uti_peft.constants import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
 from uti_peft.tiny import build_tiny_qwen3
 
 from conftest import BASE_ROWS, TEXT_VOCAB, legacy_patch, probe_ids, saved_rows, train_steps

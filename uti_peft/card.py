@@ -24,11 +24,11 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from tqdm.auto import tqdm
 
-from .config import RowExtensionConfig
-from .model import RowExtensionError
+from .constants import CARD_NAME, WEIGHTS_NAME
+from .errors import RowExtensionError
+from .row_extension.config import AFTER_SAVE, RowExtensionConfig
 from .token_space import TokenSpace
 
-CARD_NAME = "README.md"
 TEMPLATE_NAME = "adapter_card.md"
 METADATA_KEY = "uti_peft"
 LIBRARY_TAG = "uti-peft"
@@ -208,7 +208,6 @@ def write_model_card(
     callable returning it is called once, when the digest is needed (after rendering when nothing is carried
     over), so that a hash still being computed elsewhere overlaps the rendering.
     """
-    from .model import WEIGHTS_NAME
 
     save_directory = os.fspath(save_directory)
     weights = os.path.join(save_directory, WEIGHTS_NAME)
@@ -354,3 +353,6 @@ def _version(dist: str) -> str:
         return version(dist)
     except PackageNotFoundError:
         return "unknown"
+
+
+AFTER_SAVE.append(write_model_card)  # every saved row-extension config gets its card

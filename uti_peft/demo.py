@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from peft import PeftModel, get_peft_model
 
-from .config import RowExtensionConfig
+from .row_extension.config import RowExtensionConfig
 from .tiny import build_tiny_qwen3, tiny_token_space
 
 

@@ -1,6 +1,30 @@
-"""The exceptions of uti-peft. `RowExtensionError` is a `ValueError`, the base of the others, so one
-``except ValueError`` (or ``except RowExtensionError``) catches every refusal."""
+"""The exceptions of uti-peft. `RowExtensionError` is a `ValueError` and the base of the others, so one
+``except ValueError`` (or ``except RowExtensionError``) catches every refusal; each names what was wrong."""
 
 
 class RowExtensionError(ValueError):
     """An adapter does not fit the base model (or its own files); the base model was left untouched."""
+
+
+class TokenSpaceError(RowExtensionError):
+    """A token space is malformed or disagrees with something it must match."""
+
+
+class AdapterNotFoundError(RowExtensionError):
+    """No adapter where one was asked for: no such repo, revision, directory or ``adapter_config.json``."""
+
+
+class WrongAdapterTypeError(RowExtensionError):
+    """The adapter is not a row-extension adapter (or names a ``peft_type`` nobody registered)."""
+
+
+class BaseModelMismatchError(RowExtensionError):
+    """The adapter was made for a base of another shape."""
+
+
+class BaseModelMismatchWarning(UserWarning):
+    """The adapter was saved from a base with another name (the shapes fit, the weights may not)."""
+
+
+class LegacyCheckpointError(RowExtensionError):
+    """A legacy checkpoint (or an adapter to export) is unsafe, unreadable or inconsistent."""

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .config import TOKEN_SPACE_NAME
+from .constants import TOKEN_SPACE_NAME
 from .data import (
     ALL,
     DEFAULT_MAX_SEQ_LEN,

@@ -6,7 +6,7 @@ A pushed repo holds exactly what a saved adapter directory holds: ``adapter_conf
 ``PeftModel.from_pretrained(base, "org/name", revision=..., subfolder=...)`` and
 ``AutoPeftModelForCausalLM.from_pretrained("org/name")`` resolve the repo with huggingface_hub.
 
-`install` (run by `uti_peft.registration.register` at `import uti_peft`) adapts PEFT where it has no hook:
+`install` (run at `import uti_peft`) adapts PEFT where it has no hook:
 
 * ``PeftModel.push_to_hub``, for models carrying a row-extension adapter, uploads those four files in one
   commit. (transformers' generic ``push_to_hub``, which PEFT inherits, replaces the saved ``README.md`` by
@@ -48,29 +48,16 @@ from .card import (
     render_model_card,
     rows_bytes_of_file,
 )
-from .config import TOKEN_SPACE_NAME, RowExtensionConfig, find_row_extension_adapter
-from .model import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME, RowExtensionError
-from .token_space import TokenSpace, TokenSpaceError
+from .constants import TOKEN_SPACE_NAME
+from .row_extension._compat import set_push_handler
+from .row_extension.config import RowExtensionConfig, find_row_extension_adapter
+from .constants import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
+from .errors import AdapterNotFoundError, RowExtensionError, TokenSpaceError, WrongAdapterTypeError
+from .token_space import TokenSpace
 
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, TOKEN_SPACE_NAME, CARD_NAME)
 DEFAULT_COMMIT_MESSAGE = "Upload row-extension adapter"
 _MARK = "__uti_peft_hub__"
-
-
-class AdapterNotFoundError(RowExtensionError):
-    """No adapter where one was asked for: no such repo, revision, directory or ``adapter_config.json``."""
-
-
-class WrongAdapterTypeError(RowExtensionError):
-    """The adapter is not a row-extension adapter (or names a ``peft_type`` nobody registered)."""
-
-
-class BaseModelMismatchError(RowExtensionError):
-    """The adapter was made for a base of another shape."""
-
-
-class BaseModelMismatchWarning(UserWarning):
-    """The adapter was saved from a base with another name (the shapes fit, the weights may not)."""
 
 
 # ---------------------------------------------------------------------- the adapter folder
@@ -215,21 +202,18 @@ def _card_for_upload(adapter: AdapterFolder) -> ModelCard:
     return card
 
 
-def _push_to_hub(original, self, repo_id: str, *args, **kwargs):
-    """``PeftModel.push_to_hub`` for a model carrying a row-extension adapter (else PEFT's own)."""
-    from .registration import _carries_row_extension
-
-    if not _carries_row_extension(self) or args:
-        return original(self, repo_id, *args, **kwargs)
+def push_model(model: Any, repo_id: str, **kwargs: Any) -> CommitInfo:
+    """``model.push_to_hub(repo_id, ...)`` of a model carrying a row-extension adapter: save it, then upload with
+    `push_adapter` (our card and exactly the adapter's files; PEFT's inherited push would upload a generic card)."""
     kwargs.pop("max_shard_size", None)  # the rows are never sharded
     known = {"commit_message", "commit_description", "private", "token", "revision", "create_pr", "tags"}
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise TypeError(f"push_to_hub() got unexpected keyword arguments {unknown}")
-    # the tuner allows one row-extension adapter per model (plus, under "default", its LoRA: uti_peft.lora)
-    adapter_name, _ = find_row_extension_adapter(self.peft_config)
+    # the tuner allows one row-extension adapter per model (plus, under "default", its LoRA)
+    adapter_name, _ = find_row_extension_adapter(model.peft_config)
     with tempfile.TemporaryDirectory(prefix="uti-peft-push-") as tmp:
-        self.save_pretrained(tmp)
+        model.save_pretrained(tmp)
         folder = tmp if adapter_name == "default" else os.path.join(tmp, adapter_name)
         path_in_repo = "" if adapter_name == "default" else adapter_name
         return push_adapter(folder, repo_id, path_in_repo=path_in_repo, **kwargs)
@@ -403,63 +387,6 @@ def _looks_like_path(name: str) -> bool:
     return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "")
 
 
-# ---------------------------------------------------------------------- the base model
-def check_base_model(config: RowExtensionConfig, model: Any, *, adapter_hidden_size: Optional[int] = None) -> None:
-    """Check an adapter against the base it is loaded onto: raise on shapes, warn on names.
-
-    Raises `BaseModelMismatchError` when the adapter's rows have another hidden size than the base's input
-    embedding (``adapter_hidden_size``, from the saved rows) or the base has fewer embedding rows than the
-    token space's text vocabulary. Warns (`BaseModelMismatchWarning`) when the adapter records another base
-    name (``base_model_name_or_path``) than the model's ``name_or_path``; local copies and Hub cache paths of
-    the same repo count as the same name.
-    """
-    source = getattr(config, "weights_source", None)
-    adapter = f"adapter {source[0]!r}" if source else "the adapter"
-    made_for = config.base_model_name_or_path
-    base_name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-    made_for_text = f" was made for {made_for!r}" if made_for else ""
-    base_text = f" ({base_name!r})" if base_name else ""
-    embedding = model.get_input_embeddings()
-    rows, hidden = embedding.weight.shape
-    if adapter_hidden_size is not None and adapter_hidden_size != hidden:
-        raise BaseModelMismatchError(
-            f"{adapter}{made_for_text} with hidden size {adapter_hidden_size}; the base model{base_text} has "
-            f"hidden size {hidden}: load it onto the base it was trained on"
-        )
-    if rows < config.text_vocab_size:
-        raise BaseModelMismatchError(
-            f"{adapter}{made_for_text}: its token space keeps {config.text_vocab_size} text rows but the base "
-            f"model{base_text} has only {rows} embedding rows: load it onto the base it was trained on"
-        )
-    if made_for and base_name and not same_model_name(made_for, base_name):
-        warnings.warn(
-            f"{adapter} was saved from base {made_for!r} but is being loaded onto {base_name!r}; the shapes fit, "
-            "but unless it is a copy of the same weights the text rows the adapter was trained with differ",
-            BaseModelMismatchWarning,
-            stacklevel=2,
-        )
-
-
-def same_model_name(a: str, b: str) -> bool:
-    """Whether two ``name_or_path`` values name the same model: equal ids, or a Hub cache snapshot path or a
-    local directory whose last component is the repo's name (``/models/Qwen3-8B`` ~ ``Qwen/Qwen3-8B``)."""
-    a, b = _canonical_name(a), _canonical_name(b)
-    if a == b:
-        return True
-    return a.rsplit("/", 1)[-1].lower() == b.rsplit("/", 1)[-1].lower()
-
-
-_CACHE_SNAPSHOT = re.compile(r"(?:^|/)models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+")
-
-
-def _canonical_name(name: str) -> str:
-    name = os.fspath(name).replace(os.sep, "/").rstrip("/")
-    match = _CACHE_SNAPSHOT.search(name)
-    if match:
-        return f"{match.group('org')}/{match.group('name')}"
-    return name
-
-
 # ---------------------------------------------------------------------- PEFT integration
 def _diagnosed(method, *, check_type: bool):
     """Wrap a PEFT classmethod that reads ``adapter_config.json`` so that its bare "Can't find" error says why."""
@@ -502,87 +429,18 @@ def _check_known_peft_type(peft_type: Any, model_id: Any) -> None:
     )
 
 
-def _expect_row_extension(method):
-    """``RowExtensionConfig.from_pretrained`` of another adapter type would silently return that type's config."""
-
-    @functools.wraps(method)
-    def wrapper(cls, model_id, *args, **kwargs):
-        config = method(cls, model_id, *args, **kwargs)
-        if isinstance(cls, type) and issubclass(cls, RowExtensionConfig) and not isinstance(config, RowExtensionConfig):
-            raise WrongAdapterTypeError(
-                f"{os.fspath(model_id)!r} holds a {getattr(config.peft_type, 'value', config.peft_type)} adapter, "
-                "not a uti-peft ROW_EXTENSION adapter"
-            )
-        return config
-
-    return wrapper
-
-
-def _offline_subfolder_fix(load_peft_weights):
-    """PEFT 0.21's ``load_peft_weights`` in offline mode looks for ``<subfolder>/<subfolder>/adapter_model.*``
-    (it joins the subfolder into the file name *and* passes ``subfolder=``), so a cached adapter in a
-    subfolder never loads offline. Resolve the file from the cache here and hand PEFT its directory."""
-
-    @functools.wraps(load_peft_weights)
-    def wrapper(model_id, device=None, key_mapping=None, **hf_hub_download_kwargs):
-        subfolder = hf_hub_download_kwargs.get("subfolder")
-        local = os.path.join(model_id, subfolder) if subfolder else model_id
-        if subfolder and constants.is_offline_mode() and not os.path.isdir(local):
-            from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
-            from peft.utils.constants import WEIGHTS_NAME as PICKLE_WEIGHTS_NAME
-
-            kwargs = {k: v for k, v in hf_hub_download_kwargs.items() if k not in ("local_files_only", "user_agent")}
-            for name in (SAFETENSORS_WEIGHTS_NAME, PICKLE_WEIGHTS_NAME):
-                try:
-                    found = hf_hub_download(model_id, name, local_files_only=True, **kwargs)
-                except LocalEntryNotFoundError:
-                    continue
-                return load_peft_weights(os.path.dirname(found), device=device, key_mapping=key_mapping)
-        return load_peft_weights(model_id, device=device, key_mapping=key_mapping, **hf_hub_download_kwargs)
-
-    setattr(wrapper, _MARK, load_peft_weights)
-    return wrapper
-
-
-def _install_offline_subfolder_fix() -> None:
-    import sys
-
-    from peft.utils import save_and_load
-
-    original = save_and_load.load_peft_weights
-    if hasattr(original, _MARK):
-        return
-    wrapped = _offline_subfolder_fix(original)
-    for name, module in list(sys.modules.items()):
-        if name == "peft" or name.startswith(("peft.", "uti_peft.")):
-            if getattr(module, "load_peft_weights", None) is original:
-                setattr(module, "load_peft_weights", wrapped)
-
-
 def install() -> None:
-    """Idempotently install `PeftModel.push_to_hub` for row-extension models, the load diagnostics and the
-    offline-subfolder fix of PEFT's ``load_peft_weights``."""
-    from peft import PeftModel
+    """Idempotently install the load diagnostics on PEFT's config loading, and ``PeftModel.push_to_hub``'s upload
+    of our card (`uti_peft.row_extension._compat` calls `push_model` for models carrying the adapter)."""
     from peft.config import PeftConfigMixin
 
-    _install_offline_subfolder_fix()
-
-    if not hasattr(PeftModel.push_to_hub, _MARK):
-        original_push = PeftModel.push_to_hub
-
-        @functools.wraps(original_push)
-        def push_to_hub(self, repo_id: str, *args, **kwargs):
-            return _push_to_hub(original_push, self, repo_id, *args, **kwargs)
-
-        setattr(push_to_hub, _MARK, original_push)
-        PeftModel.push_to_hub = push_to_hub
-
+    set_push_handler(push_model)
     get_type = PeftConfigMixin.__dict__["_get_peft_type"].__func__
     if not hasattr(get_type, _MARK):
         PeftConfigMixin._get_peft_type = classmethod(_diagnosed(get_type, check_type=True))
     from_pretrained = PeftConfigMixin.__dict__["from_pretrained"].__func__
     if not hasattr(from_pretrained, _MARK):
-        wrapped = _expect_row_extension(_diagnosed(from_pretrained, check_type=False))
+        wrapped = _diagnosed(from_pretrained, check_type=False)
         setattr(wrapped, _MARK, from_pretrained)
         PeftConfigMixin.from_pretrained = classmethod(wrapped)
 

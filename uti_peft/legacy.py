@@ -38,9 +38,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .card import CARD_NAME, file_sha256
-from .config import TOKEN_SPACE_NAME, RowExtensionConfig
-from .lora import LORA_ADAPTER_NAME, read_legacy_lora, write_lora
-from .model import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
+from .constants import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, TOKEN_SPACE_NAME, WEIGHTS_NAME
+from .errors import LegacyCheckpointError
+from .row_extension.config import RowExtensionConfig
+from .row_extension.lora import LORA_ADAPTER_NAME, read_legacy_lora, write_lora
 from .token_space import TokenSpace, is_plain_int
 
 LEGACY_PT_NAME = "trainable_rows.pt"
@@ -52,10 +53,6 @@ _CHUNK = 1 << 22  # 4 MiB
 _SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
 PathLike = Union[str, os.PathLike]
-
-
-class LegacyCheckpointError(ValueError):
-    """A legacy checkpoint (or an adapter to export) is unsafe, unreadable or inconsistent."""
 
 
 @dataclass
@@ -417,7 +414,7 @@ def convert_legacy(
         allow_nonfinite: Convert rows holding NaN/Inf instead of refusing them.
         progress: Progress bars: ``None`` on a terminal only, ``True``/``False`` always/never.
         lora_dir: A Stage-4 PEFT LoRA directory trained on the legacy (resized) model: it is stored as the
-            adapter's LoRA (``lora/``) and loads with the rows (see `uti_peft.lora`).
+            adapter's LoRA (``lora/``) and loads with the rows (see `uti_peft.row_extension.lora`).
 
     Returns:
         The absolute path of the adapter directory. Raises `LegacyCheckpointError` (a ``ValueError``), or

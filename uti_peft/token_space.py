@@ -15,12 +15,10 @@ import os
 import re
 from typing import Any, NamedTuple, Union
 
+from .errors import TokenSpaceError
+
 PAD_TOKEN = "<|pad_mm|>"
 _CODEBOOK_SUFFIX = re.compile(r"^(?P<modality>.+)_CB(?P<index>\d+)$")
-
-
-class TokenSpaceError(ValueError):
-    """A token space is malformed or disagrees with something it must match."""
 
 
 class TokenRange(NamedTuple):

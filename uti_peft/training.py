@@ -24,7 +24,7 @@ from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
-from .config import (
+from .row_extension.config import (
     HEAD_ROW_MODES,
     INIT_STRATEGIES,
     TOKEN_SPACE_NAME,

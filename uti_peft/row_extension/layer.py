@@ -22,8 +22,8 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .errors import RowExtensionError
-from .memory import copy_releasing_source
+from ..errors import RowExtensionError
+from ..memory import copy_releasing_source
 
 
 class RowExtensionLayer(nn.Module, BaseTunerLayer):

@@ -27,10 +27,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import RowExtensionConfig, check_lora_adapter_name, find_row_extension_adapter
-from .model import RowExtensionError
+from ..constants import PEFT_KEY_PREFIX
+from ..errors import RowExtensionError
 
 LORA_ADAPTER_NAME = "lora"
-_PEFT_KEY_PREFIX = "base_model.model."  # how PeftModel.save_pretrained prefixes every saved key
 
 
 def add_lora(
@@ -105,8 +105,8 @@ def check_lora_weights(weights: dict[str, torch.Tensor], model: nn.Module, where
     modules = {name for name, _ in model.named_modules()}
     foreign = []
     for key in weights:
-        module_path, is_lora, _ = key.removeprefix(_PEFT_KEY_PREFIX).partition(".lora_")
-        if not key.startswith(_PEFT_KEY_PREFIX) or not is_lora or module_path not in modules:
+        module_path, is_lora, _ = key.removeprefix(PEFT_KEY_PREFIX).partition(".lora_")
+        if not key.startswith(PEFT_KEY_PREFIX) or not is_lora or module_path not in modules:
             foreign.append(key)
     if foreign or not weights:
         raise RowExtensionError(
@@ -179,7 +179,7 @@ def read_legacy_lora(lora_dir: str, new_rows: list[torch.Tensor], text_vocab_siz
                 f"{lora_dir}: {key} {list(tensor.shape)} is not a LoRA weight, nor a full embedding matrix whose rows "
                 f"{text_vocab_size}.. equal the checkpoint's new rows"
             )
-    if not weights or any(not k.startswith(_PEFT_KEY_PREFIX) for k in weights):
+    if not weights or any(not k.startswith(PEFT_KEY_PREFIX) for k in weights):
         raise RowExtensionError(f"{lora_dir}: expected LoRA weights saved by PeftModel.save_pretrained, found {sorted(weights)[:5]}")
     return config, weights
 

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from .token_space import TokenSpace, TokenSpaceError
+from ..constants import TOKEN_SPACE_NAME
+from ..errors import TokenSpaceError, WrongAdapterTypeError
+from ..token_space import TokenSpace
 
-TOKEN_SPACE_NAME = "token_space.json"
 INIT_STRATEGIES = ("mean_noise", "mean")
+# Called as ``hook(directory, config)`` after a config is saved beside its rows; layers above the PEFT method (the
+# model card) register here, so the method itself depends on none of them.
+AFTER_SAVE: list[Callable[[str, "RowExtensionConfig"], None]] = []
 HEAD_ROW_MODES = ("trained", "mean")
 
 
@@ -108,23 +112,25 @@ class RowExtensionConfig(PeftConfig):
         """Load the config and remember where it came from, so that the rows can be checked before the
         base model is touched (see `RowExtensionModel`)."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if not isinstance(config, RowExtensionConfig):  # PEFT returns whatever type the file names
+            raise WrongAdapterTypeError(
+                f"{os.fspath(pretrained_model_name_or_path)!r} holds a {getattr(config.peft_type, 'value', config.peft_type)} "
+                "adapter, not a uti-peft ROW_EXTENSION adapter"
+            )
         hub_kwargs, _, _ = cls._split_kwargs(kwargs)
         config.weights_source = (str(pretrained_model_name_or_path), {"subfolder": subfolder, **hub_kwargs})
         return config
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """Write ``adapter_config.json`` and, beside it, the token space as ``token_space.json`` and, when the
-        rows (``adapter_model.safetensors``) are already there, the model card ``README.md``.
+        """Write ``adapter_config.json`` and, beside it, the token space as ``token_space.json``; then run the
+        `AFTER_SAVE` hooks (`uti_peft.card` registers the one that writes the model card ``README.md``).
 
-        ``PeftModel.save_pretrained`` writes the weights before the config, so its directory (and what
-        ``push_to_hub`` uploads) gets our card in place of PEFT's generic one. Provenance, and eval numbers
-        measured on these same weights, are carried over from a previous card (see `uti_peft.card`).
+        ``PeftModel.save_pretrained`` writes the weights before the config, so the hooks see the whole adapter.
         """
-        from .card import write_model_card
-
         super().save_pretrained(save_directory, **kwargs)
         self.get_token_space().save(os.path.join(save_directory, TOKEN_SPACE_NAME))
-        write_model_card(save_directory, self)
+        for hook in AFTER_SAVE:
+            hook(save_directory, self)
 
 
 def find_row_extension_adapter(peft_config: Mapping[str, PeftConfig]) -> tuple[str, RowExtensionConfig]:

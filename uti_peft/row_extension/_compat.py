@@ -1,15 +1,23 @@
-"""Where uti-peft reaches into transformers and PEFT: the doors they open to adapters, made exact for ours.
+"""Everything uti-peft does to PEFT and transformers that they offer no public hook for, in one place.
 
-transformers loads a PEFT adapter itself (``AutoModelForCausalLM.from_pretrained(adapter)``,
-``model.load_adapter(adapter)``, ``pipeline(model=adapter)``): it injects the adapter's modules, then loads
-the weights by parameter name and *initialises whatever it did not find*. A row-extension adapter stores
-its rows under architecture-independent names (``input_embeddings.new_rows``), and whether an lm_head's rows
-are trained, derived or shared with a tied embedding, and whether a LoRA sits beside them, is decided from
-the files; so that path would leave freshly initialised rows in place without an error. transformers has
-no hook for a PEFT method to load its own weights, hence the narrow patches below: each acts only for
-row-extension adapters and hands every other adapter to the original code unchanged.
+Each patch says which behaviour it works around and acts only for row-extension adapters (every other adapter
+goes to the original code unchanged); `install` applies them once, idempotently. Checked with the versions in
+`CHECKED_WITH` (peft 0.21.2, transformers 5.24); another version warns once.
 
-Checked with transformers 5.24 (the versions in `CHECKED_WITH`); another version warns once at import.
+* `PeftType` is a closed enum and ``register_peft_method`` refuses names it lacks: the member is added.
+* PEFT's ``save_embedding_layers="auto"`` saves the *whole* embedding and lm_head when embeddings are targeted
+  or the vocabulary changed; a row-extension adapter is the record of that resize: "auto" means rows only.
+* peft 0.21's ``load_peft_weights`` cannot find a cached adapter in a subfolder offline.
+* ``PeftModel.push_to_hub`` (inherited from transformers) uploads a generic card; ours is uploaded instead by
+  the handler the Hub layer registers (`set_push_handler`).
+* transformers' adapter doors (``from_pretrained(adapter)``, ``load_adapter``, ``pipeline``) inject the adapter,
+  then load weights by parameter name and *initialise what they did not find*: our rows are stored under
+  architecture-independent names and the lm_head's rows may be trained, derived or tied, so they would silently
+  stay freshly initialised. ``load_adapter`` goes through the tuner instead, ``save_pretrained`` writes what
+  ``PeftModel.save_pretrained`` writes, and adapter-management methods are let past transformers' gate on an
+  unreleased peft 0.22. An adapter that records no base fails before any Hub request.
+* PEFT's parameter counts and base-model state dict assume adapter weights are separate tensors; ours are a view
+  of the base weight's tail: counted once, and the base's own shapes are returned/loaded.
 """
 
 from __future__ import annotations
@@ -21,10 +29,12 @@ import os
 import shutil
 import tempfile
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from peft import PeftConfig, inject_adapter_in_model
+from huggingface_hub import constants, hf_hub_download
+from huggingface_hub.errors import LocalEntryNotFoundError
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 
@@ -32,11 +42,89 @@ from uti_peft_autoload import ORIGINAL_ATTRIBUTE
 
 from .config import RowExtensionConfig, find_row_extension_adapter
 from .layer import RowExtensionLayer
-from .model import WEIGHTS_NAME, RowExtensionError
+from ..constants import PEFT_KEY_PREFIX, PEFT_TYPE_NAME, WEIGHTS_NAME
+from ..errors import RowExtensionError
+from .lora import write_lora
 
 CHECKED_WITH = {"transformers": ("5.",), "peft": ("0.21.",)}
 _MARK = "__uti_peft_compat__"
 _DOWNLOAD_KEYS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
+
+
+# ---------------------------------------------------------------------- PEFT: the method's type and saving
+def add_peft_type_member() -> None:
+    """Give the closed ``PeftType`` enum its ``ROW_EXTENSION`` member (``register_peft_method`` needs it)."""
+    from peft.utils import PeftType
+
+    if PEFT_TYPE_NAME in PeftType.__members__:
+        return
+    member = str.__new__(PeftType, PEFT_TYPE_NAME)
+    member._name_ = PEFT_TYPE_NAME
+    member._value_ = PEFT_TYPE_NAME
+    member.__objclass__ = PeftType
+    type.__setattr__(PeftType, PEFT_TYPE_NAME, member)
+    PeftType._member_map_[PEFT_TYPE_NAME] = member
+    PeftType._value2member_map_[PEFT_TYPE_NAME] = member
+    PeftType._member_names_.append(PEFT_TYPE_NAME)
+
+
+def _rows_only_by_default(original):
+    @functools.wraps(original)
+    def get_peft_model_state_dict(model, state_dict=None, adapter_name="default", unwrap_compiled=False,
+                                  save_embedding_layers="auto"):
+        if save_embedding_layers == "auto" and carries_row_extension(model):
+            save_embedding_layers = False
+        return original(model, state_dict=state_dict, adapter_name=adapter_name, unwrap_compiled=unwrap_compiled,
+                        save_embedding_layers=save_embedding_layers)
+
+    setattr(get_peft_model_state_dict, _MARK, original)
+    return get_peft_model_state_dict
+
+
+def _offline_subfolder_fix(load_peft_weights):
+    """PEFT 0.21's ``load_peft_weights`` in offline mode looks for ``<subfolder>/<subfolder>/adapter_model.*``
+    (it joins the subfolder into the file name *and* passes ``subfolder=``), so a cached adapter in a
+    subfolder never loads offline. Resolve the file from the cache here and hand PEFT its directory."""
+
+    @functools.wraps(load_peft_weights)
+    def wrapper(model_id, device=None, key_mapping=None, **hf_hub_download_kwargs):
+        subfolder = hf_hub_download_kwargs.get("subfolder")
+        local = os.path.join(model_id, subfolder) if subfolder else model_id
+        if subfolder and constants.is_offline_mode() and not os.path.isdir(local):
+            from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
+            from peft.utils.constants import WEIGHTS_NAME as PICKLE_WEIGHTS_NAME
+
+            kwargs = {k: v for k, v in hf_hub_download_kwargs.items() if k not in ("local_files_only", "user_agent")}
+            for name in (SAFETENSORS_WEIGHTS_NAME, PICKLE_WEIGHTS_NAME):
+                try:
+                    found = hf_hub_download(model_id, name, local_files_only=True, **kwargs)
+                except LocalEntryNotFoundError:
+                    continue
+                return load_peft_weights(os.path.dirname(found), device=device, key_mapping=key_mapping)
+        return load_peft_weights(model_id, device=device, key_mapping=key_mapping, **hf_hub_download_kwargs)
+
+    setattr(wrapper, _MARK, load_peft_weights)
+    return wrapper
+
+
+_push_handler: Optional[Callable[..., Any]] = None
+
+
+def set_push_handler(handler: Callable[..., Any]) -> None:
+    """``handler(model, repo_id, **kwargs)`` pushes a model that carries a row-extension adapter."""
+    global _push_handler
+    _push_handler = handler
+
+
+def _push_to_hub(original):
+    @functools.wraps(original)
+    def push_to_hub(self, repo_id: str, *args, **kwargs):
+        if _push_handler is None or args or not carries_row_extension(self):
+            return original(self, repo_id, *args, **kwargs)
+        return _push_handler(self, repo_id, **kwargs)
+
+    setattr(push_to_hub, _MARK, original)
+    return push_to_hub
 
 
 # ---------------------------------------------------------------------- which adapters are ours
@@ -133,8 +221,6 @@ def save_row_extension_adapter(model: Any, save_directory: str | os.PathLike) ->
     with one. Files are written in a temporary directory beside the target and moved in at the end."""
     from peft.utils import get_peft_model_state_dict
 
-    from .lora import _PEFT_KEY_PREFIX, write_lora
-
     name, config = find_row_extension_adapter(model.peft_config)
     rows = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
     save_directory = os.fspath(save_directory)
@@ -145,7 +231,7 @@ def save_row_extension_adapter(model: Any, save_directory: str | os.PathLike) ->
         if config.lora_adapter:
             lora = get_peft_model_state_dict(model, adapter_name=config.lora_adapter)
             write_lora(os.path.join(tmp, config.lora_adapter), model.peft_config[config.lora_adapter],
-                       {_PEFT_KEY_PREFIX + k: v for k, v in lora.items()})
+                       {PEFT_KEY_PREFIX + k: v for k, v in lora.items()})
         for entry in os.listdir(tmp):
             target = os.path.join(save_directory, entry)
             if os.path.isdir(target) and not os.path.islink(target):
@@ -315,7 +401,7 @@ def _row_layers_by_base_key(model: Any) -> dict[str, RowExtensionLayer]:
 
 # ---------------------------------------------------------------------- installing
 def _patch(owner: Any, attribute: str, wrapper_factory, *, classmethod_: bool = False) -> None:
-    current = owner.__dict__[attribute]
+    current = owner.__dict__[attribute] if classmethod_ else getattr(owner, attribute)  # may be inherited
     function = current.__func__ if classmethod_ else current
     # uti_peft_autoload's stand-in for load_adapter, which imported us: wrap what it stands in for
     function = getattr(function, ORIGINAL_ATTRIBUTE, function)
@@ -352,8 +438,8 @@ def _warn_on_unchecked_versions() -> None:
             )
 
 
-def install_transformers_doors() -> None:
-    """Idempotently make transformers' adapter entry points and PEFT's generic helpers exact for our adapters."""
+def install() -> None:
+    """Idempotently apply every patch above (called when the method registers with PEFT)."""
     import peft.auto
     import peft.peft_model
     import transformers.integrations.peft as hf_peft
@@ -361,6 +447,10 @@ def install_transformers_doors() -> None:
     import transformers.models.auto.auto_factory  # noqa: F401  (loaded lazily by transformers; patched below)
 
     _warn_on_unchecked_versions()
+    _rebind("peft", "get_peft_model_state_dict", _rows_only_by_default)
+    _rebind("peft", "load_peft_weights", _offline_subfolder_fix)
+    _rebind("uti_peft", "load_peft_weights", _offline_subfolder_fix)
+    _patch(peft.peft_model.PeftModel, "push_to_hub", _push_to_hub)
     _patch(hf_peft.PeftAdapterMixin, "load_adapter", _load_adapter)
     for name in _GATED_METHODS:
         _patch(hf_peft.PeftAdapterMixin, name, _gate_opened_for_ours)

@@ -17,14 +17,13 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import load_peft_weights
 from torch import nn
 
+from ..constants import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, PEFT_KEY_PREFIX, WEIGHTS_NAME
+from ..errors import RowExtensionError
+from .base_check import check_base_model
 from .config import RowExtensionConfig
-from .errors import RowExtensionError
 from .layer import RowExtensionEmbedding, RowExtensionLayer, RowExtensionLinear, sync_size_attributes
+from .lora import load_lora, read_lora
 
-WEIGHTS_NAME = "adapter_model.safetensors"
-INPUT_ROWS_KEY = "input_embeddings.new_rows"
-OUTPUT_ROWS_KEY = "output_embeddings.new_rows"
-_PEFT_KEY_PREFIX = "base_model.model."
 # on-disk key of each layer role's parameter container
 _CANONICAL_KEYS = {
     RowExtensionEmbedding.adapter_layer_names[0]: INPUT_ROWS_KEY,
@@ -42,11 +41,11 @@ class _Plan:
     input_rows: torch.Tensor
     output_rows: Optional[torch.Tensor]  # None: tied, or no head
     output_trained: bool  # False: the head's rows are derived (mean of its text rows), not trained
-    lora: Optional[tuple]  # (LoraConfig, weights) of the LoRA saved with the rows, read by `uti_peft.lora.read_lora`
+    lora: Optional[tuple]  # (LoraConfig, weights) of the LoRA saved with the rows, read by `uti_peft.row_extension.lora.read_lora`
 
 
 class RowExtensionModel(BaseTuner):
-    """Tuner for `RowExtensionConfig`; see `uti_peft.layer` for how the rows live in the base weights."""
+    """Tuner for `RowExtensionConfig`; see `uti_peft.row_extension.layer` for how the rows live in the base weights."""
 
     prefix: str = "row_extension_"
     tuner_layer_cls = RowExtensionLayer
@@ -97,8 +96,6 @@ class RowExtensionModel(BaseTuner):
         text_config.vocab_size = config.vocab_size
         model.config.pad_token_id = config.pad_token_id
         if plan.lora is not None:
-            from .lora import load_lora
-
             load_lora(self, *plan.lora, config.lora_adapter, inference_mode=config.inference_mode)
 
     def _create_and_replace(
@@ -248,12 +245,8 @@ def _plan_injection(model: nn.Module, config: RowExtensionConfig, state_dict: Op
                 f"the config names LoRA adapter {config.lora_adapter!r} but was not read from a saved adapter; "
                 "load with PeftModel.from_pretrained, or add a new LoRA with uti_peft.add_lora"
             )
-        from .lora import read_lora
-
         lora = read_lora(source, config.lora_adapter, model, input_module.weight.device)
     if where:
-        from .hub import check_base_model
-
         rows = saved.get(INPUT_ROWS_KEY, saved.get(OUTPUT_ROWS_KEY))
         check_base_model(config, model, adapter_hidden_size=rows.shape[-1] if rows is not None and rows.dim() == 2 else None)
     if where:
@@ -299,7 +292,7 @@ def canonical_rows(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     handled it prefixed every key with ``base_model.model.``; such files load the same."""
     canonical = {INPUT_ROWS_KEY, OUTPUT_ROWS_KEY}
     return {
-        key.removeprefix(_PEFT_KEY_PREFIX) if key.removeprefix(_PEFT_KEY_PREFIX) in canonical else key: value
+        key.removeprefix(PEFT_KEY_PREFIX) if key.removeprefix(PEFT_KEY_PREFIX) in canonical else key: value
         for key, value in state_dict.items()
     }
 
