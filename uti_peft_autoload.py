@@ -16,6 +16,7 @@ uti-peft is installed, so scripts and tools that never ``import uti_peft`` (a no
 import os
 import sys
 
+# = uti_peft.constants.AUTOLOAD_ORIGINAL_ATTRIBUTE, written out: importing uti_peft is what this module defers
 ORIGINAL_ATTRIBUTE = "__uti_peft_autoload_original__"
 
 

@@ -8,7 +8,7 @@ All the logic lives in `uti_peft.training`; ``--help`` lists the options.
 
 import sys
 
-from uti_peft.training import main
+from uti_peft.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train", *sys.argv[1:]]))

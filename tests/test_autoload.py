@@ -97,6 +97,9 @@ def test_the_wheel_installs_the_hook_at_the_root_of_site_packages(tmp_path):
         assert archive.read("uti_peft.pth").decode() == (REPO / "uti_peft.pth").read_text()
     # and the installed (editable) environment running these tests has it too
     import uti_peft_autoload
+    from uti_peft.constants import AUTOLOAD_ORIGINAL_ATTRIBUTE
+
+    assert uti_peft_autoload.ORIGINAL_ATTRIBUTE == AUTOLOAD_ORIGINAL_ATTRIBUTE  # written out there, not imported
 
     site_packages = [Path(p) for p in sys.path if p.endswith("site-packages")]
     assert any((p / "uti_peft.pth").is_file() for p in site_packages)

@@ -9,3 +9,5 @@ INPUT_ROWS_KEY = "input_embeddings.new_rows"
 OUTPUT_ROWS_KEY = "output_embeddings.new_rows"
 PEFT_KEY_PREFIX = "base_model.model."  # how PeftModel.save_pretrained prefixes every saved key
 PEFT_TYPE_NAME = "ROW_EXTENSION"
+# Marks uti_peft_autoload's stand-in for transformers' load_adapter (it holds the original under this name).
+AUTOLOAD_ORIGINAL_ATTRIBUTE = "__uti_peft_autoload_original__"

@@ -24,13 +24,9 @@ from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
-from .row_extension.config import (
-    HEAD_ROW_MODES,
-    INIT_STRATEGIES,
-    TOKEN_SPACE_NAME,
-    RowExtensionConfig,
-    find_row_extension_adapter,
-)
+from .constants import TOKEN_SPACE_NAME
+from .row_extension.config import HEAD_ROW_MODES, INIT_STRATEGIES, RowExtensionConfig, find_row_extension_adapter
+from .row_extension.lora import add_lora
 from .data import (
     TASK_INDEX_KEY,
     PaddingCollator,
@@ -116,8 +112,6 @@ def _check_token_space_matches(args: argparse.Namespace, config: RowExtensionCon
 
 def _add_lora(model: PeftModel, args: argparse.Namespace) -> PeftModel:
     from peft import LoraConfig
-
-    from . import add_lora
 
     config = LoraConfig(
         r=args.lora_r,
@@ -434,11 +428,3 @@ def _run(args: argparse.Namespace) -> int:
     train(args)
     return 0
 
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``scripts/train.py``: the same as ``uti-peft train`` (same options, same error handling)."""
-    import sys
-
-    from .cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])

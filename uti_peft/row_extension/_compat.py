@@ -38,11 +38,9 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 
-from uti_peft_autoload import ORIGINAL_ATTRIBUTE
-
 from .config import RowExtensionConfig, find_row_extension_adapter
 from .layer import RowExtensionLayer
-from ..constants import PEFT_KEY_PREFIX, PEFT_TYPE_NAME, WEIGHTS_NAME
+from ..constants import AUTOLOAD_ORIGINAL_ATTRIBUTE, PEFT_KEY_PREFIX, PEFT_TYPE_NAME, WEIGHTS_NAME
 from ..errors import RowExtensionError
 from .lora import write_lora
 
@@ -404,7 +402,7 @@ def _patch(owner: Any, attribute: str, wrapper_factory, *, classmethod_: bool = 
     current = owner.__dict__[attribute] if classmethod_ else getattr(owner, attribute)  # may be inherited
     function = current.__func__ if classmethod_ else current
     # uti_peft_autoload's stand-in for load_adapter, which imported us: wrap what it stands in for
-    function = getattr(function, ORIGINAL_ATTRIBUTE, function)
+    function = getattr(function, AUTOLOAD_ORIGINAL_ATTRIBUTE, function)
     if hasattr(function, _MARK):
         return
     wrapped = wrapper_factory(function)
