@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from peft import get_peft_model
 
 import uti_peft
-from uti_peft.row_extension.layer import _ExtendedLinear
-from uti_peft.row_extension.model import _init_rows, _mean_rows, _text_row_stats
+from uti_peft.row_extension.layer import _ExtendedLinear, _text_row_stats, init_rows, mean_rows
 from uti_peft.tiny import build_tiny_qwen3
 
 from conftest import TEXT_VOCAB, probe_ids
@@ -152,9 +151,9 @@ def test_init_rows_mean_noise_statistics(token_space):
     weight = (torch.randn(3000, 64, generator=torch.Generator().manual_seed(3)) * 0.5).to(torch.bfloat16)
     config = uti_peft.RowExtensionConfig(token_space=token_space)
     torch.manual_seed(0)
-    new = _init_rows(weight, config)
+    new = init_rows(weight, config)
     assert new.shape == (config.num_new_rows, 64) and new.dtype == torch.bfloat16
     text = weight[: config.text_vocab_size].double()
     noise = (new.double() - text.mean(0)) / (text.std(0) * config.init_noise_factor)
     assert abs(float(noise.mean())) < 0.05 and abs(float(noise.std()) - 1) < 0.05
-    assert torch.equal(_mean_rows(weight, config)[0], text.mean(0).to(torch.bfloat16))
+    assert torch.equal(mean_rows(weight, config.text_vocab_size, config.num_new_rows)[0], text.mean(0).to(torch.bfloat16))

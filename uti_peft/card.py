@@ -76,33 +76,8 @@ def render_model_card(
     base_id = _hub_base_model(config, space)
     base_name = config.base_model_name_or_path or space.base_text_model or "BASE_MODEL"
 
-    modality_tags = [m for m in space.modalities if m != "special"]
-    tags = [LIBRARY_TAG, "peft", "row-extension", "vocabulary-extension", *modality_tags]
-    if base_id:
-        tags.append(f"base_model:adapter:{base_id}")
-    facts: dict[str, Any] = {
-        "peft_type": "ROW_EXTENSION",
-        "text_vocab_size": config.text_vocab_size,
-        "vocab_size": config.vocab_size,
-        "num_new_rows": config.num_new_rows,
-        "rows_bytes": int(rows_bytes),
-        "head_rows": config.head_rows,
-        "token_space_sha256": config.token_space_sha256,
-        "modalities": modality_tags,
-    }
-    if config.lora_adapter:
-        facts["lora_adapter"] = config.lora_adapter
-    if provenance:
-        facts["provenance"] = provenance
-    if eval_report:
-        facts["eval"] = eval_report
-    card_data = ModelCardData(
-        base_model=base_id,
-        library_name="peft",
-        pipeline_tag="text-generation",
-        tags=tags,
-        **{METADATA_KEY: facts},
-    )
+    card_data = _card_metadata(config, space, base_id, rows_bytes=rows_bytes, provenance=provenance,
+                               eval_report=eval_report)
     eval_metrics, eval_rows, eval_facts = _eval_table(eval_report or {})
     return ModelCard.from_template(
         card_data,
@@ -137,6 +112,34 @@ def render_model_card(
         ],
         uti_peft_version=_version("uti-peft"),
         peft_version=_version("peft"),
+    )
+
+
+def _card_metadata(config: RowExtensionConfig, space: TokenSpace, base_id: Optional[str], *, rows_bytes: int,
+                   provenance: Optional[dict], eval_report: Optional[dict]) -> ModelCardData:
+    """The card's YAML metadata: Hub fields (base model, tags) and our facts under `METADATA_KEY`."""
+    modality_tags = [m for m in space.modalities if m != "special"]
+    tags = [LIBRARY_TAG, "peft", "row-extension", "vocabulary-extension", *modality_tags]
+    if base_id:
+        tags.append(f"base_model:adapter:{base_id}")
+    facts: dict[str, Any] = {
+        "peft_type": "ROW_EXTENSION",
+        "text_vocab_size": config.text_vocab_size,
+        "vocab_size": config.vocab_size,
+        "num_new_rows": config.num_new_rows,
+        "rows_bytes": int(rows_bytes),
+        "head_rows": config.head_rows,
+        "token_space_sha256": config.token_space_sha256,
+        "modalities": modality_tags,
+    }
+    if config.lora_adapter:
+        facts["lora_adapter"] = config.lora_adapter
+    if provenance:
+        facts["provenance"] = provenance
+    if eval_report:
+        facts["eval"] = eval_report
+    return ModelCardData(
+        base_model=base_id, library_name="peft", pipeline_tag="text-generation", tags=tags, **{METADATA_KEY: facts}
     )
 
 

@@ -14,7 +14,7 @@ The effective matrix is ``concat(base[:text_vocab_size], new_rows)``.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,9 @@ from torch import nn
 
 from ..errors import RowExtensionError
 from ..memory import copy_releasing_source
+
+if TYPE_CHECKING:
+    from .config import RowExtensionConfig
 
 
 class RowExtensionLayer(nn.Module, BaseTunerLayer):
@@ -384,3 +387,56 @@ def sync_size_attributes(module: nn.Module) -> None:
         module.num_embeddings = rows
     elif isinstance(module, nn.Linear):
         module.out_features = rows
+
+
+# ---------------------------------------------------------------------- new rows for training from scratch
+def _text_row_stats(weight: torch.Tensor, text_vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std (float64) of the text rows, chunk by chunk (no full copy).
+
+    Each 8192-row chunk goes through one reused buffer: float32 for bf16/fp16 weights (a float32 sum of
+    values with 8/11 significant bits loses next to nothing), float64 otherwise. Chunk sums and sums of
+    squares about the chunk's mean are combined in float64 (Chan et al.'s parallel variance), so the
+    mean is the float64 sum of chunk sums over the count and the variance has no cancellation.
+    """
+    rows = weight.detach()[:text_vocab_size]
+    dtype = torch.float32 if torch.finfo(weight.dtype).bits <= 16 else torch.float64
+    buffer = torch.empty(min(8192, rows.shape[0]), weight.shape[1], dtype=dtype, device=weight.device)
+    total = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
+    m2 = torch.zeros_like(total)
+    count = 0
+    for chunk in rows.split(8192):
+        n = chunk.shape[0]
+        x = buffer[:n]
+        x.copy_(chunk)
+        chunk_sum = x.sum(0)
+        shift = chunk_sum / n
+        x.sub_(shift).square_()
+        chunk_sum = chunk_sum.double()
+        chunk_mean = chunk_sum / n
+        # sum of squares about the chunk mean: sum((x - shift)^2) - n * (mean - shift)^2
+        chunk_m2 = x.sum(0).double() - n * (chunk_mean - shift.double()).square()
+        if count:
+            m2 += (chunk_mean - total / count).square() * (count * n / (count + n))
+        m2 += chunk_m2
+        total += chunk_sum
+        count += n
+    mean = total / text_vocab_size
+    var = (m2 / max(text_vocab_size - 1, 1)).clamp_min(0)
+    return mean, var.sqrt()
+
+
+def mean_rows(weight: torch.Tensor, text_vocab_size: int, num_new_rows: int) -> torch.Tensor:
+    """``num_new_rows`` copies of the mean of the text rows, in the weight's dtype (a head's derived rows)."""
+    mean, _ = _text_row_stats(weight, text_vocab_size)
+    return mean.to(weight.dtype).expand(num_new_rows, -1)
+
+
+def init_rows(weight: torch.Tensor, config: "RowExtensionConfig") -> torch.Tensor:
+    """New rows for training from scratch: the legacy "mean + noise * std * factor" or the plain mean."""
+    mean, std = _text_row_stats(weight, config.text_vocab_size)
+    if config.init_rows == "mean":
+        return mean.to(weight.dtype).expand(config.num_new_rows, -1)
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    noise = torch.randn(config.num_new_rows, weight.shape[1], dtype=dtype, device=weight.device)
+    noise.mul_((std * config.init_noise_factor).to(dtype)).add_(mean.to(dtype))
+    return noise.to(weight.dtype)

@@ -21,7 +21,14 @@ from ..constants import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, PEFT_KEY_PREFIX, WEIGHT
 from ..errors import RowExtensionError
 from .base_check import check_base_model
 from .config import RowExtensionConfig
-from .layer import RowExtensionEmbedding, RowExtensionLayer, RowExtensionLinear, sync_size_attributes
+from .layer import (
+    RowExtensionEmbedding,
+    RowExtensionLayer,
+    RowExtensionLinear,
+    init_rows,
+    mean_rows,
+    sync_size_attributes,
+)
 from .lora import load_lora, read_lora
 
 # on-disk key of each layer role's parameter container
@@ -65,9 +72,12 @@ class RowExtensionModel(BaseTuner):
         return []
 
     def _check_tied_module_exists(self, peft_config: RowExtensionConfig, key: str) -> bool:
-        # PEFT creates "tied" targets after all others: the tied lm_head needs the embedding layer first.
-        plan = getattr(self, "_plan", None)
-        return bool(plan and plan.tied and plan.output_module is self.model.get_submodule(key))
+        """A tied lm_head is created after the other targets (PEFT's order for tied modules): it needs the input
+        embedding's layer to exist first."""
+        embedding = self.model.get_input_embeddings()
+        shared = getattr(embedding, "base_layer", embedding).weight
+        target = self.model.get_submodule(key)
+        return target is self.model.get_output_embeddings() and getattr(target, "weight", None) is shared
 
     # ------------------------------------------------------------------ injection
     def inject_adapter(
@@ -204,15 +214,24 @@ def _module_name(model: nn.Module, module: nn.Module) -> str:
 
 
 def _plan_injection(model: nn.Module, config: RowExtensionConfig, state_dict: Optional[dict] = None) -> _Plan:
+    """Decide (and validate) everything injection will do, reading the saved rows, before any module changes."""
+    modules, names, tied = _base_embeddings(model, config)
+    saved, where, lora = _read_saved(model, config, state_dict, modules["input"])
+    input_rows = _input_rows(saved, tied, config, modules["input"], names)
+    output_rows, output_trained = None, True
+    if "output" in modules and not tied:
+        output_rows, output_trained = _output_rows(saved, where, config, modules["output"], names)
+    return _Plan(modules["input"], modules.get("output"), tied, input_rows, output_rows, output_trained, lora)
+
+
+def _base_embeddings(model: nn.Module, config: RowExtensionConfig) -> tuple[dict, dict, bool]:
+    """The base's input embedding and lm_head (``{"input": ..., "output": ...}``), their names and whether they are
+    tied; refuses embeddings that are offloaded, have fewer rows than the text vocabulary or disagree on hidden size."""
     input_module, output_module = _embedding_modules(model)
     if input_module is None or getattr(input_module, "weight", None) is None:
         raise RowExtensionError("the base model has no input embedding (get_input_embeddings() returned none)")
-    tied = output_module is not None and output_module.weight is input_module.weight
-    names = {"input": _module_name(model, input_module)}
-    modules = {"input": input_module}
-    if output_module is not None:
-        names["output"] = _module_name(model, output_module)
-        modules["output"] = output_module
+    modules = {"input": input_module} if output_module is None else {"input": input_module, "output": output_module}
+    names = {role: _module_name(model, module) for role, module in modules.items()}
     for role, module in modules.items():
         if module.weight.device.type == "meta":
             raise RowExtensionError(
@@ -230,14 +249,19 @@ def _plan_injection(model: nn.Module, config: RowExtensionConfig, state_dict: Op
             f"base {names['output']} hidden size {output_module.weight.shape[1]} differs from "
             f"{names['input']} hidden size {input_module.weight.shape[1]}"
         )
+    return modules, names, output_module is not None and output_module.weight is input_module.weight
 
+
+def _read_saved(model: nn.Module, config: RowExtensionConfig, state_dict: Optional[dict], input_module: nn.Module):
+    """The saved rows (from ``state_dict``, or the adapter the config was read from; none for a new adapter), where
+    they came from, and the companion LoRA; all checked against the base."""
     source = getattr(config, "weights_source", None)
     if state_dict is not None:
         saved, where = canonical_rows(state_dict), "the given adapter state dict"
     elif source:
         saved, where = canonical_rows(_load_saved_rows(source, input_module.weight)), f"{source[0]}: {WEIGHTS_NAME}"
     else:
-        saved, where = {}, None
+        return {}, None, None
     lora = None
     if config.lora_adapter is not None:
         if not source:
@@ -246,45 +270,43 @@ def _plan_injection(model: nn.Module, config: RowExtensionConfig, state_dict: Op
                 "load with PeftModel.from_pretrained, or add a new LoRA with uti_peft.add_lora"
             )
         lora = read_lora(source, config.lora_adapter, model, input_module.weight.device)
-    if where:
-        rows = saved.get(INPUT_ROWS_KEY, saved.get(OUTPUT_ROWS_KEY))
-        check_base_model(config, model, adapter_hidden_size=rows.shape[-1] if rows is not None and rows.dim() == 2 else None)
-    if where:
-        _check_saved_rows(saved, config, input_module.weight.shape[1], names["input"], where)
+    rows = saved.get(INPUT_ROWS_KEY, saved.get(OUTPUT_ROWS_KEY))
+    check_base_model(config, model, adapter_hidden_size=rows.shape[-1] if rows is not None and rows.dim() == 2 else None)
+    _check_saved_rows(saved, config, input_module.weight.shape[1], _module_name(model, input_module), where)
+    return saved, where, lora
 
-    has_output_rows = OUTPUT_ROWS_KEY in saved
-    if tied and has_output_rows:
-        input_rows = saved[OUTPUT_ROWS_KEY]
-        if INPUT_ROWS_KEY in saved and not torch.equal(saved[INPUT_ROWS_KEY], input_rows):
+
+def _input_rows(saved: dict, tied: bool, config: RowExtensionConfig, input_module: nn.Module, names: dict):
+    """The input embedding's new rows; on a tied base the head's rows win, as the legacy loader's copy landed last."""
+    if tied and OUTPUT_ROWS_KEY in saved:
+        if INPUT_ROWS_KEY in saved and not torch.equal(saved[INPUT_ROWS_KEY], saved[OUTPUT_ROWS_KEY]):
             warnings.warn(
                 f"the base model ties {names['input']} and {names['output']}; the adapter's lm_head rows are used "
                 "for both (as the legacy loader did) and its differing input-embedding rows are ignored"
             )
-    elif INPUT_ROWS_KEY in saved:
-        input_rows = saved[INPUT_ROWS_KEY]
-    else:
-        input_rows = _init_rows(input_module.weight, config)
+        return saved[OUTPUT_ROWS_KEY]
+    if INPUT_ROWS_KEY in saved:
+        return saved[INPUT_ROWS_KEY]
+    return init_rows(input_module.weight, config)
 
-    output_rows, output_trained = None, True
-    if output_module is not None and not tied:
-        if has_output_rows and INPUT_ROWS_KEY not in saved:
-            raise RowExtensionError(
-                f"{where} holds lm_head rows only, but the base's {names['input']} is not tied "
-                f"to {names['output']}: its new input rows would be undefined"
-            )
-        if has_output_rows:
-            output_rows = saved[OUTPUT_ROWS_KEY]
-        elif where or config.head_rows == "mean":
-            output_trained = False
-            output_rows = _mean_rows(output_module.weight, config)
-            warnings.warn(
-                f"the adapter carries no lm_head rows and the base's {names['output']} is not tied to its input "
-                f"embedding: the head's new rows {config.text_vocab_size}..{config.vocab_size - 1} are set to the "
-                "mean of its text rows (not trained, not saved); the legacy loader drew them at random"
-            )
-        else:
-            output_rows = _init_rows(output_module.weight, config)
-    return _Plan(input_module, output_module, tied, input_rows, output_rows, output_trained, lora)
+
+def _output_rows(saved: dict, where: Optional[str], config: RowExtensionConfig, output_module: nn.Module, names: dict):
+    """An untied lm_head's new rows and whether they are trained (else derived: the mean of its text rows)."""
+    if OUTPUT_ROWS_KEY in saved and INPUT_ROWS_KEY not in saved:
+        raise RowExtensionError(
+            f"{where} holds lm_head rows only, but the base's {names['input']} is not tied "
+            f"to {names['output']}: its new input rows would be undefined"
+        )
+    if OUTPUT_ROWS_KEY in saved:
+        return saved[OUTPUT_ROWS_KEY], True
+    if where or config.head_rows == "mean":
+        warnings.warn(
+            f"the adapter carries no lm_head rows and the base's {names['output']} is not tied to its input "
+            f"embedding: the head's new rows {config.text_vocab_size}..{config.vocab_size - 1} are set to the "
+            "mean of its text rows (not trained, not saved); the legacy loader drew them at random"
+        )
+        return mean_rows(output_module.weight, config.text_vocab_size, config.num_new_rows), False
+    return init_rows(output_module.weight, config), True
 
 
 def canonical_rows(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -328,54 +350,3 @@ def _check_saved_rows(saved: dict, config: RowExtensionConfig, hidden: int, inpu
             raise RowExtensionError(
                 f"{where}: {key} has hidden size {rows.shape[1]} but the base {input_name} has hidden size {hidden}"
             )
-
-
-def _text_row_stats(weight: torch.Tensor, text_vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and std (float64) of the text rows, chunk by chunk (no full copy).
-
-    Each 8192-row chunk goes through one reused buffer: float32 for bf16/fp16 weights (a float32 sum of
-    values with 8/11 significant bits loses next to nothing), float64 otherwise. Chunk sums and sums of
-    squares about the chunk's mean are combined in float64 (Chan et al.'s parallel variance), so the
-    mean is the float64 sum of chunk sums over the count and the variance has no cancellation.
-    """
-    rows = weight.detach()[:text_vocab_size]
-    dtype = torch.float32 if torch.finfo(weight.dtype).bits <= 16 else torch.float64
-    buffer = torch.empty(min(8192, rows.shape[0]), weight.shape[1], dtype=dtype, device=weight.device)
-    total = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
-    m2 = torch.zeros_like(total)
-    count = 0
-    for chunk in rows.split(8192):
-        n = chunk.shape[0]
-        x = buffer[:n]
-        x.copy_(chunk)
-        chunk_sum = x.sum(0)
-        shift = chunk_sum / n
-        x.sub_(shift).square_()
-        chunk_sum = chunk_sum.double()
-        chunk_mean = chunk_sum / n
-        # sum of squares about the chunk mean: sum((x - shift)^2) - n * (mean - shift)^2
-        chunk_m2 = x.sum(0).double() - n * (chunk_mean - shift.double()).square()
-        if count:
-            m2 += (chunk_mean - total / count).square() * (count * n / (count + n))
-        m2 += chunk_m2
-        total += chunk_sum
-        count += n
-    mean = total / text_vocab_size
-    var = (m2 / max(text_vocab_size - 1, 1)).clamp_min(0)
-    return mean, var.sqrt()
-
-
-def _mean_rows(weight: torch.Tensor, config: RowExtensionConfig) -> torch.Tensor:
-    mean, _ = _text_row_stats(weight, config.text_vocab_size)
-    return mean.to(weight.dtype).expand(config.num_new_rows, -1)
-
-
-def _init_rows(weight: torch.Tensor, config: RowExtensionConfig) -> torch.Tensor:
-    """New rows for training from scratch: the legacy "mean + noise * std * factor" or the plain mean."""
-    mean, std = _text_row_stats(weight, config.text_vocab_size)
-    if config.init_rows == "mean":
-        return mean.to(weight.dtype).expand(config.num_new_rows, -1)
-    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    noise = torch.randn(config.num_new_rows, weight.shape[1], dtype=dtype, device=weight.device)
-    noise.mul_((std * config.init_noise_factor).to(dtype)).add_(mean.to(dtype))
-    return noise.to(weight.dtype)
