@@ -104,6 +104,10 @@ def test_every_transformers_door_is_exact(tmp_path, token_space, tied, dtype, vo
     assert all(torch.equal(again[k], v) for k, v in saved_rows(adapter_dir).items())
     assert_exact(AutoModelForCausalLM.from_pretrained(tmp_path / "again"), reference, token_space, dtype)
 
+    # as Trainer saves a transformers model: with the model's state dict passed in
+    by_adapter.save_pretrained(tmp_path / "trainer", state_dict=by_adapter.state_dict(), safe_serialization=True)
+    assert_exact(AutoModelForCausalLM.from_pretrained(tmp_path / "trainer"), reference, token_space, dtype)
+
     state = by_adapter.get_adapter_state_dict()
     assert state.keys() == saved_rows(adapter_dir).keys()
     fresh = AutoModelForCausalLM.from_pretrained(base_dir)
@@ -180,6 +184,11 @@ def test_enable_disable_and_active_adapters_behave_as_through_peft(tmp_path, tok
         assert "logits[..., :text_vocab_size]" in str(raised.value)
     model.enable_adapters()
     assert_exact(model, legacy_reference(adapter_dir, token_space), token_space, torch.float32)
+
+    trainable = AutoModelForCausalLM.from_pretrained(base_dir)
+    trainable.load_adapter(adapter_dir, is_trainable=True)
+    names = sorted(n for n, p in trainable.named_parameters() if p.requires_grad)
+    assert names == ["lm_head.row_extension_output_rows.default", "model.embed_tokens.row_extension_input_rows.default"]
 
 
 def test_adapters_written_before_the_doors_existed_still_load(tmp_path, token_space):

@@ -213,21 +213,21 @@ def _load_adapter(original):
 
 
 # ---------------------------------------------------------------------- transformers' save_pretrained
-def save_row_extension_adapter(model: Any, save_directory: str | os.PathLike) -> None:
+def save_row_extension_adapter(model: Any, save_directory: str | os.PathLike, state_dict: Optional[dict] = None) -> None:
     """Write what ``PeftModel.save_pretrained`` writes for the model's row-extension adapter (rows only, config,
     token space, card) and its LoRA in ``<adapter>/<lora name>/``, for a transformers model loaded or fitted
     with one. Files are written in a temporary directory beside the target and moved in at the end."""
     from peft.utils import get_peft_model_state_dict
 
     name, config = find_row_extension_adapter(model.peft_config)
-    rows = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
+    rows = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=name, save_embedding_layers=False)
     save_directory = os.fspath(save_directory)
     os.makedirs(save_directory, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=save_directory, prefix=".uti-peft-save-") as tmp:
         save_file({k: v.contiguous() for k, v in rows.items()}, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
         config.save_pretrained(tmp)
         if config.lora_adapter:
-            lora = get_peft_model_state_dict(model, adapter_name=config.lora_adapter)
+            lora = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=config.lora_adapter)
             write_lora(os.path.join(tmp, config.lora_adapter), model.peft_config[config.lora_adapter],
                        {PEFT_KEY_PREFIX + k: v for k, v in lora.items()})
         for entry in os.listdir(tmp):
@@ -242,13 +242,13 @@ def _save_pretrained(original):
     def save_pretrained(self, save_directory, is_main_process=True, *args, **kwargs):
         if not (getattr(self, "_hf_peft_config_loaded", False) and carries_row_extension(self)):
             return original(self, save_directory, is_main_process, *args, **kwargs)
-        if kwargs.get("push_to_hub") or kwargs.get("state_dict") is not None:
+        if kwargs.get("push_to_hub"):
             raise RowExtensionError(
-                "save_pretrained(push_to_hub=/state_dict=) of a model with a row-extension adapter: save it to a "
-                "directory and push that with `uti-peft push`"
+                "save_pretrained(push_to_hub=True) of a model with a row-extension adapter: save it to a directory "
+                "and push that with `uti-peft push`"
             )
-        if is_main_process:
-            save_row_extension_adapter(self, save_directory)
+        if is_main_process:  # Trainer passes the (gathered) state dict
+            save_row_extension_adapter(self, save_directory, state_dict=kwargs.get("state_dict"))
 
     setattr(save_pretrained, _MARK, original)
     return save_pretrained
