@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,9 +19,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from uti_peft.cli import build_parser
+from uti_peft.cli import main as cli_main
 from uti_peft.data import PaddingCollator, prepare
 from uti_peft.evaluation import evaluate
 from uti_peft.constants import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
+from uti_peft.output_dir import MARKER_NAME, check_output_dir
 from uti_peft.tiny import build_tiny_qwen3, tiny_token_space
 from uti_peft.training import build_model, load_base, parameter_groups, train
 
@@ -375,3 +378,112 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, examples, 
     for several, one in zip(logs, single_logs):
         for task in tasks:
             assert several[f"loss/{task}"] == pytest.approx(one[f"loss/{task}"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- output directory
+def cli_train(data_file, output_dir, *extra, base=None):
+    """``uti-peft train`` through the command line (exit code, stderr); ``base`` a path that must not be loaded."""
+    source = ["--base", str(base)] if base else ["--tiny"]
+    return cli_main(["train", *source, "--data", str(data_file), "--output-dir", str(output_dir), "--cpu",
+                     "--no-progress", "--max-steps", "1", "--save-steps", "0", *map(str, extra)])
+
+
+def snapshot(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("kind", ["foreign", "legacy", "adapter", "own"])
+def test_non_empty_output_dirs_are_refused_before_loading_anything(data_file, tmp_path, capsys, kind):
+    out = tmp_path / "out"
+    if kind == "own":
+        assert cli_train(data_file, out) == 0
+    else:
+        out.mkdir()
+        name = {"foreign": "notes.txt", "legacy": "trainable_rows.pt", "adapter": "adapter_config.json"}[kind]
+        (out / name).write_text("precious")
+    before = snapshot(out)
+    capsys.readouterr()
+    # a base that does not exist: were it loaded before the check, the error would be another one
+    assert cli_train(data_file, out, base=tmp_path / "no-such-base") == 2
+    error = capsys.readouterr().err
+    assert error.startswith("uti-peft train: error: ") and error.count("\n") == 1 and str(out) in error
+    expected = {"foreign": "notes.txt", "legacy": "legacy checkpoint", "adapter": "adapter directory",
+                "own": "an earlier uti-peft train run"}[kind]
+    assert expected in error
+    assert snapshot(out) == before  # nothing changed
+
+    # --overwrite-output-dir: never a legacy checkpoint or an adapter it did not create
+    code = cli_train(data_file, out, "--overwrite-output-dir", base=tmp_path / "no-such-base")
+    if kind in ("legacy", "adapter"):
+        assert code == 2 and "even with --overwrite-output-dir" in capsys.readouterr().err
+        assert snapshot(out) == before
+    else:  # allowed: the check passes and the (missing) base is what fails next, leaving the directory as it was
+        assert code == 2 and "no-such-base" in capsys.readouterr().err
+        assert snapshot(out) == before
+
+
+def test_overwrite_and_resume_of_our_own_runs(data_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli_train(data_file, out, "--save-steps", "1") == 0
+    assert (out / MARKER_NAME).is_file() and (out / "checkpoint-1").is_dir()
+    first = load_file(out / WEIGHTS_NAME)
+    # overwriting our own run replaces its adapter and clears its checkpoints (a later "latest" must not find them)
+    assert cli_train(data_file, out, "--overwrite-output-dir", "--learning-rate", "1e-2") == 0
+    assert not (out / "checkpoint-1").exists()
+    assert not torch.equal(load_file(out / WEIGHTS_NAME)[INPUT_ROWS_KEY], first[INPUT_ROWS_KEY])
+    # resuming "latest" needs a checkpoint of ours
+    capsys.readouterr()
+    assert cli_train(data_file, out, "--resume-from-checkpoint", "latest") == 2
+    assert "no checkpoint-<step> directory in" in capsys.readouterr().err
+    assert cli_train(data_file, out, "--save-steps", "1", "--max-steps", "1", "--overwrite-output-dir") == 0
+    assert cli_train(data_file, out, "--resume-from-checkpoint", "latest", "--max-steps", "2") == 0
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+
+    # only our own runs are resumed: not "latest" in a foreign directory, not a checkpoint we did not write
+    foreign = tmp_path / "foreign"  # a checkpoint copied out of our run, into a directory without our marker
+    shutil.copytree(out / "checkpoint-1", foreign / "checkpoint-1")
+    before = snapshot(foreign)
+    for resume, target, message in [
+        ("latest", foreign, "is not a uti-peft train run"),
+        (foreign / "checkpoint-1", tmp_path / "new", "was not written by a uti-peft train run"),
+        (out / "checkpoint-1", foreign, "not empty and not a uti-peft train run"),
+    ]:
+        capsys.readouterr()
+        assert cli_train(data_file, target, "--resume-from-checkpoint", resume, base=tmp_path / "no-such-base") == 2
+        assert message in capsys.readouterr().err
+    assert snapshot(foreign) == before and not (tmp_path / "new").exists()
+
+
+def test_a_failed_start_leaves_no_directory_behind(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"task": "t2i", "input_ids": [999999]}\n')  # an id outside the token space
+    out = tmp_path / "new" / "out"
+    assert cli_train(bad, out) == 2
+    assert "bad.jsonl" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    # a failure once the Trainer has made the directory (os.makedirs in Trainer.__init__) removes what it made,
+    # and nothing that was there before
+    plan = check_output_dir(str(out), overwrite=False, resume=None)
+    os.makedirs(out)
+    plan.abandon()
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    plan = check_output_dir(str(tmp_path / "empty"), overwrite=False, resume=None)
+    plan.claim(is_main_process=True)
+    plan.abandon()
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("ACCELERATE_USE_DEEPSPEED", "true", "DeepSpeed is not supported"),
+    ("FSDP_VERSION", "1", "FSDP version 1"),
+])
+def test_unsupported_launch_setups_are_refused_at_start(data_file, tmp_path, capsys, monkeypatch, variable, value,
+                                                        message):
+    # what `accelerate launch` exports for a DeepSpeed config, or for an FSDP config with fsdp_version: 1
+    monkeypatch.setenv(variable, value)
+    if variable == "FSDP_VERSION":
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert cli_train(data_file, tmp_path / "out", base=tmp_path / "no-such-base") == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

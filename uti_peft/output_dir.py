@@ -51,16 +51,21 @@ def _listing(entries: list[str]) -> str:
 
 @dataclass
 class OutputPlan:
-    """What `check_output_dir` decided: the directory, whether it exists, and what to clear when claimed."""
+    """What `check_output_dir` decided: the directory, whether to clear an overwritten run's checkpoints, and
+    ``created_root``, the outermost of the directory and its ancestors that did not exist (what a start creates)."""
 
     directory: str
-    existed: bool
     clear_checkpoints: bool = False
-    claimed: bool = False
+
+    def __post_init__(self) -> None:
+        root, path = None, os.path.abspath(self.directory)
+        while not os.path.exists(path):
+            root, path = path, os.path.dirname(path)
+        self.created_root = root
+        self.was_empty = root is None and not os.listdir(self.directory)
 
     def claim(self, is_main_process: bool) -> None:
         """Start the run: create the directory and write the marker (main process); clear an overwritten run."""
-        self.claimed = True
         if not is_main_process:
             return
         os.makedirs(self.directory, exist_ok=True)
@@ -73,11 +78,17 @@ class OutputPlan:
             f.write("\n")
 
     def abandon(self) -> None:
-        """After a failed start: remove the directory if this run created it and it holds nothing else."""
-        if self.existed or not os.path.isdir(self.directory):
+        """After a failed start: remove the directories this start created, or the marker it wrote into an empty
+        directory, if nothing else was written."""
+        marker = os.path.join(self.directory, MARKER_NAME)
+        if self.was_empty and os.listdir(self.directory) == [MARKER_NAME]:
+            os.remove(marker)
+        root = self.created_root
+        if root is None or not os.path.isdir(root):
             return
-        if set(os.listdir(self.directory)) <= {MARKER_NAME}:
-            shutil.rmtree(self.directory)
+        files = [name for _, _, names in os.walk(root) for name in names]
+        if set(files) <= {MARKER_NAME}:
+            shutil.rmtree(root)
 
 
 def check_output_dir(output_dir: str, overwrite: bool, resume: Optional[str]) -> OutputPlan:
@@ -100,7 +111,7 @@ def check_output_dir(output_dir: str, overwrite: bool, resume: Optional[str]) ->
             )
     if resume is not None:
         _check_resume(output_dir, resume, entries, own)
-        return OutputPlan(output_dir, existed=bool(entries) or os.path.isdir(output_dir))
+        return OutputPlan(output_dir)
     if entries and not overwrite:
         what = "an earlier uti-peft train run" if own else "not a uti-peft train run"
         raise FileExistsError(
@@ -108,7 +119,7 @@ def check_output_dir(output_dir: str, overwrite: bool, resume: Optional[str]) ->
             "--resume-from-checkpoint to continue a run of ours, --overwrite-output-dir to write into it anyway, "
             "or choose another directory"
         )
-    return OutputPlan(output_dir, existed=os.path.isdir(output_dir), clear_checkpoints=own and overwrite)
+    return OutputPlan(output_dir, clear_checkpoints=own and overwrite)
 
 
 def _check_resume(output_dir: str, resume: str, entries: list[str], own: bool) -> None:

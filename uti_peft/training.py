@@ -339,6 +339,7 @@ def train(args: argparse.Namespace) -> RowExtensionTrainer:
     plan = check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
     try:
         trainer, examples = _build_trainer(args)
+        trainer.accelerator.wait_for_everyone()  # every process has checked the directory before it is claimed
         plan.claim(trainer.args.should_save)
     except BaseException:
         plan.abandon()
