@@ -487,3 +487,21 @@ def test_unsupported_launch_setups_are_refused_at_start(data_file, tmp_path, cap
     assert cli_train(data_file, tmp_path / "out", base=tmp_path / "no-such-base") == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_under_fsdp2_continues_exactly(tmp_path, data_file):
+    """FSDP2 checkpoints (accelerate's sharded-model format plus the adapter) resume to the straight run, bit for bit;
+    the resumed run starts from other rows (``--init-rows mean``), so only the checkpoint can make it match."""
+    common = ["--tiny", "--data", data_file, "--cpu", "--no-progress", "--learning-rate", "1e-2", "--max-steps", "4",
+              "--batch-size", "2", *LORA]
+    proc = launch("fsdp2", [*common, "--output-dir", tmp_path / "straight", "--save-steps", "2"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    checkpoint = tmp_path / "straight" / "checkpoint-2"
+    assert (checkpoint / "pytorch_model_fsdp.bin").is_file() and (checkpoint / WEIGHTS_NAME).is_file()
+    proc = launch("fsdp2", [*common, "--output-dir", tmp_path / "resumed", "--save-steps", "0", "--init-rows", "mean",
+                            "--resume-from-checkpoint", checkpoint])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    assert sorted(straight) == sorted(resumed) and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    state = json.loads((tmp_path / "resumed" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4

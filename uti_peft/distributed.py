@@ -116,6 +116,19 @@ def rows_views(model: nn.Module) -> Iterable[tuple[str, torch.Tensor, torch.Tens
             yield f"{module_name}.{module.adapter_layer_names[0]}.{adapter}", rows, tail
 
 
+def reattach_rows(model: nn.Module) -> None:
+    """Make every rows parameter the view of its weight's tail again (`RowExtensionLayer.attach_rows`).
+
+    accelerate's FSDP2 preparation upcasts trainable parameters to float32 under mixed precision
+    (``param.data = param.data.float()``), which gives bf16 rows storage of their own; the layer's own
+    re-attachment copies their values back into the tail and makes them its view again (bf16, as without FSDP).
+    """
+    for module in model.modules():
+        if isinstance(module, RowExtensionLayer) and module.tied_to is None:
+            for adapter in sorted(module._in_place):
+                module.attach_rows(adapter)
+
+
 def check_rows_attached(model: nn.Module) -> None:
     """Raise if a rows parameter stopped being the view of its weight's tail (the forward would use stale rows)."""
     from torch.distributed.tensor import DTensor

@@ -48,6 +48,7 @@ from .distributed import (
     full_tensor,
     ignore_row_modules,
     peak_rss_bytes,
+    reattach_rows,
     rows_views,
     sharded_parameter_names,
 )
@@ -249,6 +250,7 @@ class RowExtensionTrainer(Trainer):
             # transformers' own hook-up for trainable parameters FSDP2 does not manage: broadcast from rank 0,
             # then all-reduce (mean) their gradients at the end of each accumulation window.
             self._sync_replicated_trainable_parameters(model)
+            reattach_rows(self.model)
             check_rows_attached(self.model)
         return model, dataloader
 
