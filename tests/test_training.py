@@ -308,8 +308,8 @@ def global_batch(tmp_path_factory, examples):
     data = directory / "two.jsonl"
     write_jsonl(data, [examples[0], examples[1]])
     common = ["--tiny", "--data", str(data), "--cpu", "--no-progress", "--learning-rate", "1e-2", "--logging-steps",
-              "1", "--save-steps", "0", "--max-steps", "3", *LORA]
-    single = train(parse(*common, "--output-dir", directory / "single", "--batch-size", "2"))
+              "1", "--max-steps", "3", *LORA]
+    single = train(parse(*common, "--output-dir", directory / "single", "--batch-size", "2", "--save-steps", "0"))
     params = {name: p.detach().clone() for name, p in trained_params(single.model).items()}
     logs = [e for e in single.state.log_history if "loss" in e]
     return common, params, logs
@@ -322,18 +322,35 @@ def launch(mode, args, timeout=300):
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, global_batch):
+    """The 2-process runs, once per mode (FSDP2's is resumed by another test): output and rank-state directories."""
+    common = global_batch[0]
+    runs = {}
+
+    def get(mode):
+        if mode not in runs:
+            directory = tmp_path_factory.mktemp(mode)
+            out, ranks = directory / "out", directory / "ranks"
+            proc = launch(mode, [*common, "--output-dir", out, "--batch-size", "1", "--save-steps", "2",
+                                 "--rank-state-dir", ranks])
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            runs[mode] = out, ranks
+        return runs[mode]
+
+    return get
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, examples, global_batch, mode):
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, examples, global_batch, launched, mode):
     """2 processes x batch 1 under ``accelerate launch`` (DDP, or FSDP2 with the shipped config; gloo on CPU)
     == 1 process x batch 2, rows and LoRA, 3 steps."""
     common, single_params, single_logs = global_batch
-    out = tmp_path / "out"
-    proc = launch(mode, [*common, "--output-dir", out, "--batch-size", "1", "--rank-state-dir", tmp_path / "ranks"])
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    out, rank_dir = launched(mode)
 
     ranks = []
     for rank in (0, 1):
-        path = tmp_path / "ranks" / f"rank{rank}.safetensors"
+        path = rank_dir / f"rank{rank}.safetensors"
         with safe_open(str(path), "pt") as f:
             ranks.append((f.metadata(), load_file(path)))
     (meta0, rank0), (meta1, rank1) = ranks
@@ -489,19 +506,17 @@ def test_unsupported_launch_setups_are_refused_at_start(data_file, tmp_path, cap
     assert not (tmp_path / "out").exists()
 
 
-def test_resume_under_fsdp2_continues_exactly(tmp_path, data_file):
-    """FSDP2 checkpoints (accelerate's sharded-model format plus the adapter) resume to the straight run, bit for bit;
-    the resumed run starts from other rows (``--init-rows mean``), so only the checkpoint can make it match."""
-    common = ["--tiny", "--data", data_file, "--cpu", "--no-progress", "--learning-rate", "1e-2", "--max-steps", "4",
-              "--batch-size", "2", *LORA]
-    proc = launch("fsdp2", [*common, "--output-dir", tmp_path / "straight", "--save-steps", "2"])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    checkpoint = tmp_path / "straight" / "checkpoint-2"
+def test_resume_under_fsdp2_continues_exactly(tmp_path, global_batch, launched):
+    """An FSDP2 checkpoint (accelerate's FSDP model and optimizer files, plus the adapter) resumes to the straight
+    run bit for bit; the resumed run starts from other rows (``--init-rows mean``), so only the checkpoint can make
+    it match."""
+    common = global_batch[0]
+    straight_dir, _ = launched("fsdp2")
+    checkpoint = straight_dir / "checkpoint-2"
     assert (checkpoint / "pytorch_model_fsdp.bin").is_file() and (checkpoint / WEIGHTS_NAME).is_file()
-    proc = launch("fsdp2", [*common, "--output-dir", tmp_path / "resumed", "--save-steps", "0", "--init-rows", "mean",
-                            "--resume-from-checkpoint", checkpoint])
+    proc = launch("fsdp2", [*common, "--output-dir", tmp_path / "resumed", "--batch-size", "1", "--save-steps", "0",
+                            "--init-rows", "mean", "--resume-from-checkpoint", checkpoint])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    straight, resumed = final_weights(straight_dir), final_weights(tmp_path / "resumed")
     assert sorted(straight) == sorted(resumed) and all(torch.equal(straight[k], resumed[k]) for k in straight)
-    state = json.loads((tmp_path / "resumed" / "trainer_state.json").read_text())
-    assert state["global_step"] == 4
+    assert json.loads((tmp_path / "resumed" / "trainer_state.json").read_text())["global_step"] == 3

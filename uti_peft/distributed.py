@@ -20,12 +20,19 @@ state-dict saving, FSDP checkpoints) runs with gloo on CPU processes.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import nn
 
 from .layer import RowExtensionLayer
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+    from .data import PreparedExample
+
+RANK_STATE_NAME = "rank{rank}.safetensors"
 
 DEEPSPEED_UNSUPPORTED = (
     "DeepSpeed is not supported by uti-peft train yet (accelerate launched it with a DeepSpeed config: "
@@ -78,16 +85,34 @@ def enable_fsdp_on_cpu(accelerator: Any) -> bool:
     return True
 
 
-def check_fsdp_plugin(accelerator: Any) -> None:
-    """The FSDP plugin in effect must be version 2 (``fsdp_version: 2``)."""
+def check_fsdp_plugin(accelerator: Any, activation_checkpointing: bool) -> None:
+    """The FSDP plugin in effect must be version 2 (``fsdp_version: 2``), and FSDP's own activation checkpointing
+    not combined with ``--gradient-checkpointing`` (the check the Trainer makes when accelerate set FSDP up)."""
     plugin = accelerator.state.fsdp_plugin
     if plugin.fsdp_version != 2:
         raise ValueError(f"FSDP version {plugin.fsdp_version} is not supported; use fsdp_version: 2")
+    if plugin.activation_checkpointing and activation_checkpointing:
+        raise ValueError(
+            "fsdp_activation_checkpointing: true in the accelerate config and --gradient-checkpointing cannot both be "
+            "set; drop one"
+        )
 
 
 def row_modules(model: nn.Module) -> list[nn.Module]:
     """The modules holding new rows (input embedding, lm_head): kept whole (replicated) under FSDP."""
     return [m for m in model.modules() if isinstance(m, RowExtensionLayer)]
+
+
+def place_row_modules(model: nn.Module, device: torch.device) -> None:
+    """Move the row modules to the training device and re-attach their rows.
+
+    Under FSDP the Trainer leaves the model where it was loaded (``fully_shard`` moves what it manages) and FSDP
+    does not move the parameters it ignores, so the replicated row modules are moved here — before the optimizer
+    is built and accelerate maps its parameters. (A no-op for CPU processes; on GPUs untested here.)
+    """
+    for module in row_modules(model):
+        module.to(device)
+    reattach_rows(model)
 
 
 def ignore_row_modules(accelerator: Any, model: nn.Module) -> None:
@@ -117,16 +142,23 @@ def rows_views(model: nn.Module) -> Iterable[tuple[str, torch.Tensor, torch.Tens
 
 
 def reattach_rows(model: nn.Module) -> None:
-    """Make every rows parameter the view of its weight's tail again (`RowExtensionLayer.attach_rows`).
+    """Give every rows parameter its base weight's dtype again and make the in-place ones views of their weight's
+    tail again (`RowExtensionLayer.attach_rows`).
 
     accelerate's FSDP2 preparation upcasts trainable parameters to float32 under mixed precision
-    (``param.data = param.data.float()``), which gives bf16 rows storage of their own; the layer's own
-    re-attachment copies their values back into the tail and makes them its view again (bf16, as without FSDP).
+    (``param.data = param.data.float()``): float32 master weights for what FSDP manages. The rows are not
+    FSDP-managed, and they keep the base's dtype as they do without FSDP (the lm_head's rows must: they are a
+    view of its weight), so the saved adapter is the same whatever the launcher.
     """
     for module in model.modules():
-        if isinstance(module, RowExtensionLayer) and module.tied_to is None:
-            for adapter in sorted(module._in_place):
+        if not isinstance(module, RowExtensionLayer) or module.tied_to is not None:
+            continue
+        dtype = module.base_layer.weight.dtype
+        for adapter, rows in module.trained_rows.items():
+            if adapter in module._in_place:
                 module.attach_rows(adapter)
+            elif rows.dtype != dtype:
+                rows.data = rows.data.to(dtype)
 
 
 def check_rows_attached(model: nn.Module) -> None:
@@ -168,3 +200,47 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return 0
+
+
+def write_rank_state(trainer: "Trainer", probe: "PreparedExample", directory: str) -> str:
+    """Write this process's trained parameters and its logits on ``probe`` to ``rank<N>.safetensors``.
+
+    For checking multi-process runs: every process must hold the same parameters as the saved adapter, and
+    the saved adapter, loaded anew, must reproduce these logits. Parameters FSDP sharded are gathered (every
+    process takes part). ``tail.<rows name>`` is the weight tail the lm_head's forward uses, to be compared with
+    its rows. Metadata: rank, world size, global step, whether this process writes the model (``should_save``),
+    the distributed type, whether the rows are still views of their weight tails, and the peak RSS.
+    """
+    from safetensors.torch import save_file
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    tensors = {
+        name: full_tensor(p.detach()).cpu().clone().contiguous()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+    for name, _, tail in rows_views(model):
+        tensors[f"tail.{name}"] = tail.detach().cpu().clone().contiguous()
+    try:
+        check_rows_attached(model)
+        attached = True
+    except RuntimeError:
+        attached = False
+    model.eval()
+    with torch.no_grad():
+        input_ids = torch.tensor([probe.input_ids], device=trainer.args.device)
+        tensors["logits"] = model(input_ids=input_ids).logits.float().cpu().contiguous()
+    metadata = {
+        "rank": str(trainer.args.process_index),
+        "world_size": str(trainer.args.world_size),
+        "global_step": str(trainer.state.global_step),
+        "should_save": str(trainer.args.should_save),
+        "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1],
+        "rows_attached": str(attached),
+        "sharded_parameters": ",".join(sharded_parameter_names(model)),
+        "peak_rss_bytes": str(peak_rss_bytes()),
+    }
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, RANK_STATE_NAME.format(rank=trainer.args.process_index))
+    save_file(tensors, path, metadata=metadata)
+    return path

@@ -1,6 +1,6 @@
 """Training of row-extension adapters (optionally with LoRA) on tokenized JSONL: ``uti-peft train``.
 
-The loop is transformers' `Trainer`, so one process, data-parallel processes under ``accelerate launch``,
+The loop is transformers' `Trainer`, so one process, DDP or FSDP2 processes under ``accelerate launch``,
 bf16 autocast, gradient accumulation, gradient checkpointing, periodic checkpoints and resuming all come
 from it. What this module adds is what the Trainer cannot know:
 
@@ -10,7 +10,10 @@ from it. What this module adds is what the Trainer cannot know:
   scores it;
 - the optimizer: AdamW with one parameter group (and learning rate) per kind of trained parameter: input
   rows, head rows, LoRA. Only trained parameters are given to it, so its state holds rows (and LoRA) only;
-- the logs: a running loss per task (``loss/<task>``), summed over processes.
+- the logs: a running loss per task (``loss/<task>``), summed over processes;
+- FSDP2 (``accelerate launch --config_file scripts/accelerate/fsdp2.yaml``) with the row modules kept whole, and
+  DeepSpeed refused (`uti_peft.distributed`);
+- an ``--output-dir`` that never clobbers what this command did not write (`uti_peft.output_dir`).
 """
 
 from __future__ import annotations
@@ -45,12 +48,10 @@ from .distributed import (
     check_launch_environment,
     check_rows_attached,
     enable_fsdp_on_cpu,
-    full_tensor,
     ignore_row_modules,
-    peak_rss_bytes,
+    place_row_modules,
     reattach_rows,
-    rows_views,
-    sharded_parameter_names,
+    write_rank_state,
 )
 from .evaluation import DTYPES
 from .output_dir import check_output_dir
@@ -66,7 +67,6 @@ PARAMETER_GROUPS = {
     "lora": "lora_",
 }
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-RANK_STATE_NAME = "rank{rank}.safetensors"
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -238,12 +238,13 @@ class RowExtensionTrainer(Trainer):
         if enable_fsdp_on_cpu(self.accelerator):
             self.is_fsdp_enabled = True
         if self.is_fsdp_enabled:
-            check_fsdp_plugin(self.accelerator)
+            check_fsdp_plugin(self.accelerator, self.args.activation_checkpointing)
 
     def _prepare_for_training(self, *args: Any, **kwargs: Any):
         """Under FSDP: keep the row modules whole (ignored by FSDP, see `uti_peft.distributed`), average their
         gradients over the processes, and check that the rows are still the views the forward uses."""
         if self.is_fsdp_enabled:
+            place_row_modules(self.model, self.accelerator.device)
             ignore_row_modules(self.accelerator, self.model)
         model, dataloader = super()._prepare_for_training(*args, **kwargs)
         if self.is_fsdp_enabled:
@@ -371,50 +372,6 @@ def _build_trainer(args: argparse.Namespace) -> tuple[RowExtensionTrainer, list[
         learning_rates=learning_rates(args),
     )
     return trainer, examples
-
-
-def write_rank_state(trainer: Trainer, probe: PreparedExample, directory: str) -> str:
-    """Write this process's trained parameters and its logits on ``probe`` to ``rank<N>.safetensors``.
-
-    For checking multi-process runs: every process must hold the same parameters as the saved adapter, and
-    the saved adapter, loaded anew, must reproduce these logits. Parameters FSDP sharded are gathered (every
-    process takes part). ``tail.<rows name>`` is the weight tail the lm_head's forward uses, to be compared with
-    its rows. Metadata: rank, world size, global step, whether this process writes the model (``should_save``),
-    the distributed type, whether the rows are still views of their weight tails, and the peak RSS.
-    """
-    from safetensors.torch import save_file
-
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    tensors = {
-        name: full_tensor(p.detach()).cpu().clone().contiguous()
-        for name, p in model.named_parameters()
-        if p.requires_grad
-    }
-    for name, _, tail in rows_views(model):
-        tensors[f"tail.{name}"] = tail.detach().cpu().clone().contiguous()
-    try:
-        check_rows_attached(model)
-        attached = True
-    except RuntimeError:
-        attached = False
-    model.eval()
-    with torch.no_grad():
-        input_ids = torch.tensor([probe.input_ids], device=trainer.args.device)
-        tensors["logits"] = model(input_ids=input_ids).logits.float().cpu().contiguous()
-    metadata = {
-        "rank": str(trainer.args.process_index),
-        "world_size": str(trainer.args.world_size),
-        "global_step": str(trainer.state.global_step),
-        "should_save": str(trainer.args.should_save),
-        "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1],
-        "rows_attached": str(attached),
-        "sharded_parameters": ",".join(sharded_parameter_names(model)),
-        "peak_rss_bytes": str(peak_rss_bytes()),
-    }
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, RANK_STATE_NAME.format(rank=trainer.args.process_index))
-    save_file(tensors, path, metadata=metadata)
-    return path
 
 
 # ---------------------------------------------------------------------------------------- command line
