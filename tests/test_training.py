@@ -211,10 +211,11 @@ def test_bf16_autocast_losses_within_bf16_rounding_of_float32(data_file, tmp_pat
     <= eps/2 each, with float32 accumulation); the loss is logsumexp(logits) - logit(label), averaged over
     tokens, and the hidden states feeding the head went through 2 decoder layers of such GEMMs. A relative
     loss error of 2 eps (4 roundings compounding in the same direction) bounds this on AVX2 and on
-    AVX512-BF16 CPUs alike (measured here: MEASURED); an autocast that did not run gives exactly 0,
-    a bf16 run that lost its float32 loss reduction or its autocast dtype would be far off.
+    AVX512-BF16 CPUs alike, whatever their GEMMs' accumulation order (measured on a 2-core AVX2 EPYC: 3.5e-6 to
+    9.0e-6, about 0.001 eps: the roundings mostly cancel over the tokens). An autocast that did not run gives
+    exactly 0 and fails; a loss reduced in bf16 instead of float32 would already be off by about eps.
     """
-    common = [*LORA, "--max-steps", "2", "--batch-size", "5", "--gradient-checkpointing"]
+    common = [*LORA, "--max-steps", "1", "--batch-size", "5", "--gradient-checkpointing"]
     bf16 = run(data_file, tmp_path / "bf16", *common, "--bf16")
     assert bf16.accelerator.mixed_precision == "bf16"  # (accelerate's state is per process: check it now)
     assert_base_untouched(bf16.model, tied=False)
@@ -225,8 +226,7 @@ def test_bf16_autocast_losses_within_bf16_rounding_of_float32(data_file, tmp_pat
     assert len(tasks) == 3
     differences = [abs(first[0][k] - first[1][k]) / first[1][k] for k in tasks]
     assert 0 < max(differences) <= 2 * BF16_EPS, differences
-    later = [[e["loss"] for e in t.state.log_history if "loss" in e] for t in (bf16, fp32)]
-    assert all(math.isfinite(x) for x in later[0]) and len(later[0]) == 2
+    assert bf16.state.global_step == 1 and math.isfinite(bf16.state.log_history[-1]["train_loss"])
 
 
 def test_resume_from_checkpoint_continues_exactly(data_file, tmp_path):
@@ -444,6 +444,10 @@ def test_overwrite_and_resume_of_our_own_runs(data_file, tmp_path, capsys):
     assert cli_train(data_file, out, "--save-steps", "1") == 0
     assert (out / MARKER_NAME).is_file() and (out / "checkpoint-1").is_dir()
     first = load_file(out / WEIGHTS_NAME)
+    # not from a checkpoint the overwrite would clear
+    capsys.readouterr()
+    assert cli_train(data_file, out, "--overwrite-output-dir", "--init-adapter", out / "checkpoint-1") == 2
+    assert "is a checkpoint of the run --overwrite-output-dir" in capsys.readouterr().err
     # overwriting our own run replaces its adapter and clears its checkpoints (a later "latest" must not find them)
     assert cli_train(data_file, out, "--overwrite-output-dir", "--learning-rate", "1e-2") == 0
     assert not (out / "checkpoint-1").exists()

@@ -135,7 +135,7 @@ def rows_views(model: nn.Module) -> Iterable[tuple[str, torch.Tensor, torch.Tens
     for module_name, module in model.named_modules():
         if not isinstance(module, RowExtensionLayer) or module.tied_to is not None:
             continue
-        for adapter in sorted(module._in_place):
+        for adapter in sorted(a for a in module.text_vocab_size if module.rows_share_base_storage(a)):
             rows = module.rows(adapter)
             tail = module.base_layer.weight.data[module.text_vocab_size[adapter] :]
             yield f"{module_name}.{module.adapter_layer_names[0]}.{adapter}", rows, tail
@@ -155,7 +155,7 @@ def reattach_rows(model: nn.Module) -> None:
             continue
         dtype = module.base_layer.weight.dtype
         for adapter, rows in module.trained_rows.items():
-            if adapter in module._in_place:
+            if module.rows_share_base_storage(adapter):
                 module.attach_rows(adapter)
             elif rows.dtype != dtype:
                 rows.data = rows.data.to(dtype)

@@ -91,8 +91,13 @@ class OutputPlan:
             shutil.rmtree(root)
 
 
-def check_output_dir(output_dir: str, overwrite: bool, resume: Optional[str]) -> OutputPlan:
-    """Apply the rules of this module (nothing is written); raise `FileExistsError` / `FileNotFoundError`."""
+def check_output_dir(
+    output_dir: str, overwrite: bool, resume: Optional[str], init_adapter: Optional[str] = None
+) -> OutputPlan:
+    """Apply the rules of this module (nothing is written); raise `FileExistsError` / `FileNotFoundError`.
+
+    ``init_adapter`` (``--init-adapter``) may not be one of the checkpoints an overwrite would remove.
+    """
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise FileExistsError(f"--output-dir {output_dir} is a file, not a directory")
     entries = os.listdir(output_dir) if os.path.isdir(output_dir) else []
@@ -119,7 +124,16 @@ def check_output_dir(output_dir: str, overwrite: bool, resume: Optional[str]) ->
             "--resume-from-checkpoint to continue a run of ours, --overwrite-output-dir to write into it anyway, "
             "or choose another directory"
         )
-    return OutputPlan(output_dir, clear_checkpoints=own and overwrite)
+    plan = OutputPlan(output_dir, clear_checkpoints=own and overwrite)
+    if plan.clear_checkpoints and init_adapter:
+        source = os.path.realpath(init_adapter)
+        for path in checkpoints(output_dir):
+            if source == os.path.realpath(path) or source.startswith(os.path.realpath(path) + os.sep):
+                raise FileExistsError(
+                    f"--init-adapter {init_adapter} is a checkpoint of the run --overwrite-output-dir {output_dir} "
+                    "would clear; copy it elsewhere or choose another --output-dir"
+                )
+    return plan
 
 
 def _check_resume(output_dir: str, resume: str, entries: list[str], own: bool) -> None:

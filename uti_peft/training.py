@@ -339,7 +339,7 @@ def train(args: argparse.Namespace) -> RowExtensionTrainer:
     model, the data and the Trainer are ready, and a start that fails before removes a directory it created.
     """
     check_launch_environment()
-    plan = check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
+    plan = check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, args.init_adapter)
     try:
         trainer, examples = _build_trainer(args)
         trainer.accelerator.wait_for_everyone()  # every process has checked the directory before it is claimed
