@@ -213,7 +213,8 @@ def test_bf16_autocast_losses_within_bf16_rounding_of_float32(data_file, tmp_pat
     loss error of 2 eps (4 roundings compounding in the same direction) bounds this on AVX2 and on
     AVX512-BF16 CPUs alike, whatever their GEMMs' accumulation order (measured on a 2-core AVX2 EPYC: 3.5e-6 to
     9.0e-6, about 0.001 eps: the roundings mostly cancel over the tokens). An autocast that did not run gives
-    exactly 0 and fails; a loss reduced in bf16 instead of float32 would already be off by about eps.
+    exactly 0 and fails; so does anything that changes the numbers beyond bf16 rounding (a wrong scaling, a lost
+    micro-batch, a dtype mix-up in the head). Last-bit effects within bf16 rounding are what it cannot judge.
     """
     common = [*LORA, "--max-steps", "1", "--batch-size", "5", "--gradient-checkpointing"]
     bf16 = run(data_file, tmp_path / "bf16", *common, "--bf16")
