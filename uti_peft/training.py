@@ -23,6 +23,7 @@ import os
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
+import transformers
 from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
@@ -239,6 +240,11 @@ class RowExtensionTrainer(Trainer):
             self.is_fsdp_enabled = True
         if self.is_fsdp_enabled:
             check_fsdp_plugin(self.accelerator, self.args.activation_checkpointing)
+            if not hasattr(self, "_sync_replicated_trainable_parameters"):
+                raise ValueError(
+                    "FSDP2 training of rows needs transformers' Trainer._sync_replicated_trainable_parameters "
+                    f"(transformers 5.24 has it; this is {transformers.__version__})"
+                )
 
     def _prepare_for_training(self, *args: Any, **kwargs: Any):
         """Under FSDP: keep the row modules whole (ignored by FSDP, see `uti_peft.distributed`), average their
