@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 from torch import nn
 
-from .layer import RowExtensionLayer
+from .row_extension.layer import RowExtensionLayer
 
 if TYPE_CHECKING:
     from transformers import Trainer
