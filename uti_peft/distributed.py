@@ -1,7 +1,7 @@
 """Multi-process set-ups of ``uti-peft train``: DDP and FSDP2 through ``accelerate launch``; DeepSpeed refused.
 
 Why FSDP needs care here: on the lm_head (and a tied embedding) the trainable rows parameter is a *view* of
-the tail of the base weight (`uti_peft.layer`), which is what keeps the logits bit-identical to a merged
+the tail of the base weight (`uti_peft.row_extension.layer`), which is what keeps the logits bit-identical to a merged
 model. ``fully_shard`` replaces every parameter it manages by a sharded DTensor with storage of its own, so
 it would cut that view: the rows would train while the forward kept using a stale tail. The modules that
 hold rows (the `RowExtensionLayer` s: input embedding and lm_head) are therefore *ignored* by FSDP, i.e.
