@@ -1,7 +1,8 @@
 """Train a row-extension adapter (optionally with LoRA) on tokenized JSONL; the same as ``uti-peft train``.
 
     python scripts/train.py --tiny --data train.jsonl --output-dir out --max-steps 10
-    accelerate launch --num_processes 2 scripts/train.py --base Qwen/Qwen3-8B-Base --token-space token_space.json ...
+    accelerate launch --multi_gpu --num_processes 2 scripts/train.py --base Qwen/Qwen3-8B-Base --token-space token_space.json ...
+    accelerate launch --config_file scripts/accelerate/fsdp2.yaml --num_processes 8 scripts/train.py --base ... # FSDP2
 
 All the logic lives in `uti_peft.training`; ``--help`` lists the options.
 """

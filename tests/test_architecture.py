@@ -15,7 +15,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("the PEFT method", {"uti_peft.row_extension"}),
     ("I/O and tasks", {
         "uti_peft.card", "uti_peft.hub", "uti_peft.legacy", "uti_peft.data", "uti_peft.evaluation",
-        "uti_peft.generation", "uti_peft.tokenizer", "uti_peft.training", "uti_peft.demo",
+        "uti_peft.generation", "uti_peft.tokenizer", "uti_peft.training", "uti_peft.distributed",
+        "uti_peft.output_dir", "uti_peft.demo",
     }),
     ("command line", {"uti_peft.cli"}),
     ("the package's public names", {"uti_peft"}),

@@ -1,6 +1,6 @@
 """Training of row-extension adapters (optionally with LoRA) on tokenized JSONL: ``uti-peft train``.
 
-The loop is transformers' `Trainer`, so one process, data-parallel processes under ``accelerate launch``,
+The loop is transformers' `Trainer`, so one process, DDP or FSDP2 processes under ``accelerate launch``,
 bf16 autocast, gradient accumulation, gradient checkpointing, periodic checkpoints and resuming all come
 from it. What this module adds is what the Trainer cannot know:
 
@@ -10,7 +10,10 @@ from it. What this module adds is what the Trainer cannot know:
   scores it;
 - the optimizer: AdamW with one parameter group (and learning rate) per kind of trained parameter: input
   rows, head rows, LoRA. Only trained parameters are given to it, so its state holds rows (and LoRA) only;
-- the logs: a running loss per task (``loss/<task>``), summed over processes.
+- the logs: a running loss per task (``loss/<task>``), summed over processes;
+- FSDP2 (``accelerate launch --config_file scripts/accelerate/fsdp2.yaml``) with the row modules kept whole, and
+  DeepSpeed refused (`uti_peft.distributed`);
+- an ``--output-dir`` that never clobbers what this command did not write (`uti_peft.output_dir`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
+import transformers
 from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
@@ -39,7 +43,19 @@ from .data import (
     scored_token_losses,
     task_list,
 )
+from .distributed import (
+    DEEPSPEED_UNSUPPORTED,
+    check_fsdp_plugin,
+    check_launch_environment,
+    check_rows_attached,
+    enable_fsdp_on_cpu,
+    ignore_row_modules,
+    place_row_modules,
+    reattach_rows,
+    write_rank_state,
+)
 from .evaluation import DTYPES
+from .output_dir import check_output_dir
 from .tiny import build_tiny_qwen3, tiny_token_space
 from .token_space import TokenSpace
 
@@ -52,7 +68,6 @@ PARAMETER_GROUPS = {
     "lora": "lora_",
 }
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-RANK_STATE_NAME = "rank{rank}.safetensors"
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -215,6 +230,37 @@ class RowExtensionTrainer(Trainer):
         self._task_index: Optional[torch.Tensor] = None
         super().__init__(*args, compute_loss_func=self._token_loss, **kwargs)
 
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator; DeepSpeed refused; FSDP2 checked and, on CPU processes, restored
+        (`uti_peft.distributed.enable_fsdp_on_cpu`)."""
+        super().create_accelerator_and_postprocess()
+        if self.is_deepspeed_enabled:
+            raise ValueError(DEEPSPEED_UNSUPPORTED)
+        if enable_fsdp_on_cpu(self.accelerator):
+            self.is_fsdp_enabled = True
+        if self.is_fsdp_enabled:
+            check_fsdp_plugin(self.accelerator, self.args.activation_checkpointing)
+            if not hasattr(self, "_sync_replicated_trainable_parameters"):
+                raise ValueError(
+                    "FSDP2 training of rows needs transformers' Trainer._sync_replicated_trainable_parameters "
+                    f"(transformers 5.24 has it; this is {transformers.__version__})"
+                )
+
+    def _prepare_for_training(self, *args: Any, **kwargs: Any):
+        """Under FSDP: keep the row modules whole (ignored by FSDP, see `uti_peft.distributed`), average their
+        gradients over the processes, and check that the rows are still the views the forward uses."""
+        if self.is_fsdp_enabled:
+            place_row_modules(self.model, self.accelerator.device)
+            ignore_row_modules(self.accelerator, self.model)
+        model, dataloader = super()._prepare_for_training(*args, **kwargs)
+        if self.is_fsdp_enabled:
+            # transformers' own hook-up for trainable parameters FSDP2 does not manage: broadcast from rank 0,
+            # then all-reduce (mean) their gradients at the end of each accumulation window.
+            self._sync_replicated_trainable_parameters(model)
+            reattach_rows(self.model)
+            check_rows_attached(self.model)
+        return model, dataloader
+
     def create_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer class and settings (AdamW by default), over `parameter_groups`."""
         if self.optimizer is None:
@@ -292,7 +338,32 @@ def learning_rates(args: argparse.Namespace) -> dict[str, float]:
 
 
 def train(args: argparse.Namespace) -> RowExtensionTrainer:
-    """Build the model and data, train, and write the final adapter to ``--output-dir`` (main process only)."""
+    """Build the model and data, train, and write the final adapter to ``--output-dir`` (main process only).
+
+    The launch set-up and ``--output-dir`` are checked first (`uti_peft.distributed.check_launch_environment`,
+    `uti_peft.output_dir.check_output_dir`), before the model is loaded; the run's marker is written once the
+    model, the data and the Trainer are ready, and a start that fails before removes a directory it created.
+    """
+    check_launch_environment()
+    plan = check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, args.init_adapter)
+    try:
+        trainer, examples = _build_trainer(args)
+        trainer.accelerator.wait_for_everyone()  # every process has checked the directory before it is claimed
+        plan.claim(trainer.args.should_save)
+    except BaseException:
+        plan.abandon()
+        raise
+    resume = True if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(args.output_dir)
+    trainer.save_state()
+    check_rows_attached(trainer.accelerator.unwrap_model(trainer.model))
+    if args.rank_state_dir:
+        write_rank_state(trainer, examples[0], args.rank_state_dir)
+    return trainer
+
+
+def _build_trainer(args: argparse.Namespace) -> tuple[RowExtensionTrainer, list[PreparedExample]]:
     set_seed(args.seed)  # before the model: new rows and LoRA are initialised at random, alike on every process
     model = build_model(load_base(args), args)
     token_space = find_row_extension_adapter(model.peft_config)[1].get_token_space()
@@ -306,40 +377,7 @@ def train(args: argparse.Namespace) -> RowExtensionTrainer:
         tasks=tasks,
         learning_rates=learning_rates(args),
     )
-    resume = True if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(args.output_dir)
-    trainer.save_state()
-    if args.rank_state_dir:
-        write_rank_state(trainer, examples[0], args.rank_state_dir)
-    return trainer
-
-
-def write_rank_state(trainer: Trainer, probe: PreparedExample, directory: str) -> str:
-    """Write this process's trained parameters and its logits on ``probe`` to ``rank<N>.safetensors``.
-
-    For checking data-parallel runs: every process must hold the same parameters as the saved adapter,
-    and the saved adapter, loaded anew, must reproduce these logits. Metadata: rank, world size, global
-    step and whether this process writes the model (``should_save``).
-    """
-    from safetensors.torch import save_file
-
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-    model.eval()
-    with torch.no_grad():
-        input_ids = torch.tensor([probe.input_ids], device=trainer.args.device)
-        tensors["logits"] = model(input_ids=input_ids).logits.float().cpu().contiguous()
-    metadata = {
-        "rank": str(trainer.args.process_index),
-        "world_size": str(trainer.args.world_size),
-        "global_step": str(trainer.state.global_step),
-        "should_save": str(trainer.args.should_save),
-    }
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, RANK_STATE_NAME.format(rank=trainer.args.process_index))
-    save_file(tensors, path, metadata=metadata)
-    return path
+    return trainer, examples
 
 
 # ---------------------------------------------------------------------------------------- command line
@@ -390,7 +428,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--logging-steps", type=float, default=10)
     run.add_argument("--save-steps", type=_non_negative_int, default=500, help="checkpoint every N steps; 0: final adapter only")
     run.add_argument("--save-total-limit", type=int, help="keep at most this many checkpoints")
-    run.add_argument("--resume-from-checkpoint", help="a checkpoint-<step> directory, or 'latest' in --output-dir")
+    run.add_argument("--resume-from-checkpoint",
+                     help="a checkpoint-<step> directory of a uti-peft train run, or 'latest' in --output-dir")
+    run.add_argument("--overwrite-output-dir", action="store_true",
+                     help="write into a non-empty --output-dir (never a legacy checkpoint or an adapter we did not create)")
     run.add_argument("--cpu", action="store_true", help="train on the CPU even if an accelerator is present")
     run.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
     run.add_argument("--report-to", default="none", help="Trainer integrations (tensorboard, wandb, ...)")
