@@ -20,7 +20,6 @@ byte is written, and the output appears atomically (`uti_peft.output.atomic_outp
 from __future__ import annotations
 
 import argparse
-import copy
 import inspect
 import json
 import os
@@ -30,27 +29,25 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
-from huggingface_hub import ModelCard, ModelCardData, snapshot_download
+from huggingface_hub import snapshot_download
 from huggingface_hub.serialization import split_torch_state_dict_into_shards
-from peft import LoraConfig, PeftConfig, inject_adapter_in_model
-from peft.tuners.tuners_utils import cast_adapter_dtype
-from peft.utils import SAFETENSORS_WEIGHTS_NAME, load_peft_weights, set_peft_model_state_dict
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from transformers.utils import logging as hf_logging
 
-from .card import _format_bytes, _is_repo_id, _range_rows, _version, file_sha256, read_safetensors_header
-from .config import TOKEN_SPACE_NAME, RowExtensionConfig
+from .card import CARD_NAME, _version, file_sha256, read_safetensors_header, render_merged_card
+from .config import TOKEN_SPACE_NAME
 from .hub import AdapterFolder, _looks_like_path, check_adapter_folder, explain_hub_error
-from .lora import _PEFT_KEY_PREFIX, check_lora_weights
+from .lora import SavedLora, merge_lora_weight, read_saved_lora
 from .model import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME, RowExtensionError, _mean_rows
-from .output import atomic_output, check_target
+from .output import atomic_output
 from .tokenizer import add_modality_tokens
 
 MARKER_NAME = "uti_peft_merge.json"
-CARD_TEMPLATE = "merged_card.md"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ST_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 _ST_DTYPE_OF = {code: dtype for dtype, code in _ST_CODES.items()}
@@ -103,7 +100,7 @@ class MergePlan:
     head: Optional[str]  # None when tied (or headless)
     tied: bool
     rows: dict[str, torch.Tensor]  # the adapter's row blocks
-    lora: Optional["_Lora"]
+    lora: Optional[SavedLora]
     max_shard_size: Union[int, str]
 
 
@@ -174,84 +171,6 @@ def _module_names(model: nn.Module) -> tuple[str, Optional[str], bool]:
     return f"{names[id(inp)]}.weight", None if out is None else f"{names[id(out)]}.weight", tied
 
 
-def _storage_dtype(name: str, item: _Stored) -> torch.dtype:
-    if item.entry["dtype"] not in _ST_DTYPE_OF:
-        raise MergeError(f"{item.shard}: {name} has dtype {item.entry['dtype']!r}, expected one of {sorted(_ST_DTYPE_OF)}")
-    return _ST_DTYPE_OF[item.entry["dtype"]]
-
-
-# ---------------------------------------------------------------------- LoRA: PEFT's own layers merge it
-@dataclass
-class _Lora:
-    """The LoRA companion: its config, its weights per module path and the base's modules (on meta)."""
-
-    name: str
-    where: str
-    config: LoraConfig
-    weights: dict[str, dict[str, torch.Tensor]]  # module path -> {key relative to the model: tensor}
-    modules: dict[str, nn.Module]
-
-
-def _read_lora(adapter: AdapterFolder, model: nn.Module, stored: dict[str, _Stored]) -> Optional[_Lora]:
-    name = adapter.config.lora_adapter
-    if not name:
-        return None
-    where = os.path.join(adapter.path, name)
-    config = PeftConfig.from_pretrained(where)
-    if not isinstance(config, LoraConfig):
-        raise MergeError(f"{where}: adapter_config.json field peft_type is {config.peft_type!r}, expected 'LORA'")
-    for field_name in ("lora_bias", "target_parameters"):
-        if getattr(config, field_name, None):
-            raise MergeError(f"{where}: adapter_config.json field {field_name} is set; merge does not support it")
-    weights = load_peft_weights(where, device="cpu")
-    check_lora_weights(weights, model, where)
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in weights.items():
-        relative = key.removeprefix(_PEFT_KEY_PREFIX)
-        grouped.setdefault(relative.partition(".lora_")[0], {})[relative] = tensor
-    modules = {}
-    for path in grouped:
-        module = model.get_submodule(path)
-        stored_weight = stored.get(f"{path}.weight")
-        if stored_weight is None or list(module.weight.shape) != stored_weight.entry["shape"]:
-            raise MergeError(f"{where}: LoRA targets {path!r}, whose weight the base checkpoint does not hold as "
-                             f"{list(module.weight.shape)} (found {stored_weight.entry['shape'] if stored_weight else None})")
-        if module is model.get_input_embeddings() or module is model.get_output_embeddings():
-            raise MergeError(f"{where}: LoRA targets {path!r}, the module that holds the new rows")
-        modules[path] = module
-    return _Lora(name, where, config, grouped, modules)
-
-
-def merge_lora_weight(lora: _Lora, path: str, weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` with the LoRA of module ``path`` merged, by the very layer PEFT would wrap it in.
-
-    The module is a copy of the base's (its class decides PEFT's layer), holding ``weight``, alone in a holder
-    at its own path; PEFT injects and loads the LoRA as `uti_peft.lora.load_lora` does (float32 LoRA weights on
-    bf16/fp16 weights, ``autocast_adapter_dtype``) and merges it as ``merge_and_unload`` does."""
-    module = copy.deepcopy(lora.modules[path])
-    module.weight = nn.Parameter(weight, requires_grad=False)
-    if getattr(module, "bias", None) is not None:
-        module.bias = None  # a LoRA merge (lora_bias refused) never reads it
-    holder, *parents, leaf = [nn.Module(), *path.split(".")]
-    parent = holder
-    for part in parents:
-        parent.add_module(part, nn.Module())
-        parent = parent.get_submodule(part)
-    parent.add_module(leaf, module)
-    config = copy.deepcopy(lora.config)
-    config.target_modules, config.exclude_modules, config.inference_mode = {path}, None, True
-    inject_adapter_in_model(config, holder, lora.name)
-    cast_adapter_dtype(holder, adapter_name=lora.name, autocast_adapter_dtype=True)
-    result = set_peft_model_state_dict(holder, lora.weights[path], adapter_name=lora.name)
-    missing = [k for k in result.missing_keys if f".{lora.name}." in k]
-    if missing or result.unexpected_keys:
-        raise MergeError(f"{lora.where}: LoRA of {path!r} does not match its config: missing {missing[:3]}, "
-                         f"unexpected {list(result.unexpected_keys)[:3]}")
-    layer = holder.get_submodule(path)
-    layer.merge()
-    return layer.get_base_layer().weight.data
-
-
 # ---------------------------------------------------------------------- planning: every check, nothing written
 def plan_merge(
     base: PathLike,
@@ -272,7 +191,10 @@ def plan_merge(
     model = _meta_model(config)
     embed, head, tied = _module_names(model)
     _check_shapes(base_dir, folder, stored, embed, None if tied else head, config)
-    out_dtype = _parse_dtype(dtype) or _storage_dtype(embed, stored[embed])
+    out_dtype = _parse_dtype(dtype) or _ST_DTYPE_OF.get(stored[embed].entry["dtype"])
+    if out_dtype is None:
+        raise MergeError(f"{stored[embed].shard}: {embed} has dtype {stored[embed].entry['dtype']!r}, expected one of "
+                         f"{sorted(_ST_DTYPE_OF)}")
     if tied:
         stored.pop(head, None)  # a tied head stored anyway: transformers drops it on save, the embedding is the matrix
         head = None
@@ -290,7 +212,11 @@ def plan_merge(
     )
     generation_config.pad_token_id = space.pad_token_id
     rows = _load_rows(folder, tied)
-    lora = _read_lora(folder, model, stored)
+    lora = None
+    if folder.config.lora_adapter:
+        shapes = {name: item.entry["shape"] for name, item in stored.items()}
+        where = os.path.join(folder.path, folder.config.lora_adapter)
+        lora = read_saved_lora(where, folder.config.lora_adapter, model, shapes)
     plan = MergePlan(
         os.fspath(base), os.fspath(adapter), base_dir, folder, config, generation_config,
         _extended_tokenizer(base_dir, tokenizer, space), stored, outputs, embed, head, tied, rows, lora,
@@ -335,8 +261,6 @@ def _parse_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
 def _load_rows(folder: AdapterFolder, tied: bool) -> dict[str, torch.Tensor]:
     """The adapter's rows per role, chosen as the tuner chooses them: on a tied base the head block wins (see
     `RowExtensionModel._remap_adapter_state_dict_for_load`); an untied base needs the input block."""
-    from safetensors.torch import load_file
-
     rows = load_file(os.path.join(folder.path, WEIGHTS_NAME))
     if tied:
         return {INPUT_ROWS_KEY: rows.get(OUTPUT_ROWS_KEY, rows.get(INPUT_ROWS_KEY))}
@@ -504,8 +428,8 @@ def merge_adapter(
         base, adapter: Local directories or Hub ids (resolved through the Hub cache; a local path is never sent
             to the Hub). ``base`` must hold safetensors weights.
         out: The output directory, written atomically. An existing one is replaced only with ``overwrite`` and
-            only when it is empty or an earlier merge output (it holds ``uti_peft_merge.json``); never the base,
-            the adapter or the tokenizer.
+            only when it is empty or an earlier merge output (it holds ``uti_peft_merge.json``); never the base
+            or the adapter.
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` for every floating tensor (default: keep each
             tensor's own; the extended matrices take the embedding's).
         tokenizer: Directory or Hub id of the text tokenizer (default: the base's own tokenizer files, if any);
@@ -518,11 +442,14 @@ def merge_adapter(
     plan = plan_merge(base, adapter, dtype=dtype, tokenizer=tokenizer, max_shard_size=max_shard_size)
     target = os.path.abspath(os.fspath(out))
     protected = (plan.base_dir, plan.adapter.path)
-    check_target(target, overwrite, MARKER_NAME, protected, MergeError)
     with atomic_output(target, overwrite=overwrite, marker=MARKER_NAME, protected=protected, error=MergeError) as tmp:
         _write_checkpoint(plan, tmp, progress)
         facts = _provenance(plan)
-        render_merged_card(plan, facts).save(os.path.join(tmp, "README.md"))
+        card = render_merged_card(
+            plan.adapter.config, facts, base_ref=plan.base_ref, adapter_ref=plan.adapter_ref, tied=plan.tied,
+            head_rows_stored=OUTPUT_ROWS_KEY in plan.rows, weights_bytes=sum(_nbytes(plan, n) for n in plan.outputs),
+        )
+        card.save(os.path.join(tmp, CARD_NAME))
         with open(os.path.join(tmp, MARKER_NAME), "w", encoding="utf-8") as f:
             json.dump(facts, f, indent=2, sort_keys=True)
             f.write("\n")
@@ -565,32 +492,6 @@ def _provenance(plan: MergePlan) -> dict[str, Any]:
         "pad_token_id": config.pad_token_id,
         "dtype": str(plan.config.dtype).removeprefix("torch."),
     }
-
-
-def render_merged_card(plan: MergePlan, facts: dict[str, Any]) -> ModelCard:
-    """The merged checkpoint's card: ``base_model`` with ``base_model_relation: merge``, the token-space table
-    (`uti_peft.card`'s), and the adapter it came from with its sha256."""
-    from importlib import resources
-
-    config = plan.adapter.config
-    space = config.get_token_space()
-    base_id = next((c for c in (plan.base_ref, config.base_model_name_or_path, space.base_text_model)
-                    if c and _is_repo_id(c)), None)
-    modalities = [m for m in space.modalities if m != "special"]
-    card_data = ModelCardData(
-        base_model=base_id, base_model_relation="merge" if base_id else None, library_name="transformers",
-        pipeline_tag="text-generation", tags=["uti-peft", "row-extension", "merge", *modalities], uti_peft=facts,
-    )
-    return ModelCard.from_template(
-        card_data, template_path=str(resources.files("uti_peft.model_cards") / CARD_TEMPLATE),
-        base_name=base_id or plan.base_ref, adapter_ref=_is_repo_id(plan.adapter_ref) and plan.adapter_ref,
-        adapter_name=plan.adapter_ref, facts=facts, ranges=_range_rows(space),
-        vocab_size_text=f"{config.vocab_size:,}", text_vocab_size_text=f"{config.text_vocab_size:,}",
-        num_new_rows_text=f"{config.num_new_rows:,}",
-        head_text="the adapter's trained rows" if OUTPUT_ROWS_KEY in plan.rows or plan.tied
-        else "the mean of the base lm_head's text rows (the adapter has no head rows)",
-        tied=plan.tied, weights_text=_format_bytes(sum(_nbytes(plan, n) for n in plan.outputs)),
-    )
 
 
 # ---------------------------------------------------------------------- CLI
