@@ -154,10 +154,12 @@ def test_output_files_tokenizer_card_and_marker(tmp_path, token_space, make_adap
 
 
 def test_sharded_base_and_output(tmp_path, token_space):
-    base = save_base(tmp_path / "base", max_shard_size="300KB")
+    base = save_base(tmp_path / "base", max_shard_size="300KB", tokenizer_size=None)
     assert (base / "model.safetensors.index.json").exists()
     adapter = save_adapter(tmp_path / "adapter", token_space, lora=True)
-    out = Path(merge_adapter(base, adapter, tmp_path / "out", max_shard_size="400KB", progress=False))
+    with pytest.warns(UserWarning, match="has no tokenizer files and no tokenizer was given"):
+        out = Path(merge_adapter(base, adapter, tmp_path / "out", max_shard_size="400KB", progress=False))
+    assert not (out / "tokenizer_config.json").exists()
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
@@ -171,9 +173,9 @@ def test_sharded_base_and_output(tmp_path, token_space):
     assert default_max_shard_size() == "50GB"
 
 
-def test_hub_ids_resolve_through_the_offline_cache(tmp_path, token_space, make_adapter, monkeypatch):
+def test_hub_ids_resolve_through_the_offline_cache(tmp_path, token_space, monkeypatch):
     base = save_base(tmp_path / "base")
-    adapter = make_adapter()
+    adapter = save_adapter(tmp_path / "adapter", token_space, lora=True)  # lora/ must come along from the cache
     local = Path(merge_adapter(base, adapter, tmp_path / "local", progress=False))
     cache = tmp_path / "hub-cache"
     commit_to_cache(cache, "org/tiny-base", folder_files(base))
@@ -185,6 +187,8 @@ def test_hub_ids_resolve_through_the_offline_cache(tmp_path, token_space, make_a
 
     hub = Path(merge_adapter("org/tiny-base", "org/rows", tmp_path / "hub", progress=False))
     assert (hub / "model.safetensors").read_bytes() == (local / "model.safetensors").read_bytes()
+    assert (hub / "tokenizer.json").read_bytes() == (local / "tokenizer.json").read_bytes()
+    assert json.loads((hub / MARKER_NAME).read_text())["lora_sha256"] is not None
     assert ModelCard.load(hub / "README.md").data.base_model == "org/tiny-base"
     with pytest.raises(MergeError, match="'org/missing' is not in the local Hub cache"):
         merge_adapter("org/missing", "org/rows", tmp_path / "nothing")
