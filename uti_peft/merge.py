@@ -41,9 +41,10 @@ from transformers.utils import logging as hf_logging
 
 from .card import CARD_NAME, _version, file_sha256, read_safetensors_header, render_merged_card
 from .config import TOKEN_SPACE_NAME
+from .errors import RowExtensionError
 from .hub import AdapterFolder, _looks_like_path, check_adapter_folder, explain_hub_error
 from .lora import SavedLora, merge_lora_weight, read_saved_lora
-from .model import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME, RowExtensionError, _mean_rows
+from .model import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME, _mean_rows
 from .output import atomic_output
 from .tokenizer import add_modality_tokens
 
