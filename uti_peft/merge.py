@@ -45,7 +45,7 @@ from .errors import RowExtensionError
 from .hub import AdapterFolder, _looks_like_path, check_adapter_folder, explain_hub_error
 from .lora import SavedLora, merge_lora_weight, read_saved_lora
 from .model import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME, _mean_rows
-from .output import atomic_output
+from .output import atomic_output, copy_range, write_all
 from .tokenizer import add_modality_tokens
 
 MARKER_NAME = "uti_peft_merge.json"
@@ -54,7 +54,6 @@ _ST_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
 _ST_DTYPE_OF = {code: dtype for dtype, code in _ST_CODES.items()}
 _BASE_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-_COPY_BLOCK = 16 << 20
 PathLike = Union[str, os.PathLike]
 
 
@@ -325,7 +324,7 @@ def _write_shard(plan: MergePlan, path: str, names: list[str], bar) -> None:
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb", buffering=0) as f:
-        _write_all(f, struct.pack("<Q", len(raw)) + raw)
+        write_all(f, struct.pack("<Q", len(raw)) + raw)
         for name in names:
             written = _write_tensor(plan, name, f)
             if written != _nbytes(plan, name):
@@ -340,10 +339,10 @@ def _write_tensor(plan: MergePlan, name: str, f) -> int:
         return _write_extended(plan, name, f)
     path = name.removesuffix(".weight")
     if plan.lora is not None and name.endswith(".weight") and path in plan.lora.weights:
-        return _write_all(f, merge_lora_weight(plan.lora, path, _load(item, name, dtype)))
+        return write_all(f, merge_lora_weight(plan.lora, path, _load(item, name, dtype)))
     if dtype is None or dtype == _ST_DTYPE_OF[item.entry["dtype"]]:
-        return _copy_bytes(item, f, item.nbytes)
-    return _write_all(f, _load(item, name, dtype))
+        return copy_range(item.shard, item.offset, f, item.nbytes)
+    return write_all(f, _load(item, name, dtype))
 
 
 def _write_extended(plan: MergePlan, name: str, f) -> int:
@@ -362,54 +361,21 @@ def _write_extended(plan: MergePlan, name: str, f) -> int:
         with safe_open(item.shard, framework="pt") as st:
             rows = _mean_rows(st.get_slice(name)[:text].to(dtype), config)
     if dtype == _ST_DTYPE_OF[item.entry["dtype"]]:
-        written = _copy_bytes(item, f, text * hidden * dtype.itemsize)
+        written = copy_range(item.shard, item.offset, f, text * hidden * dtype.itemsize)
     else:
         written = 0
-        step = max(1, _COPY_BLOCK // (hidden * dtype.itemsize))
+        step = max(1, (16 << 20) // (hidden * dtype.itemsize))  # 16 MiB of rows at a time
         with safe_open(item.shard, framework="pt") as st:
             text_rows = st.get_slice(name)
             for start in range(0, text, step):
-                written += _write_all(f, text_rows[start : min(start + step, text)].to(dtype))
-    return written + _write_all(f, rows.to(dtype))
+                written += write_all(f, text_rows[start : min(start + step, text)].to(dtype))
+    return written + write_all(f, rows.to(dtype))
 
 
 def _load(item: _Stored, name: str, dtype: Optional[torch.dtype]) -> torch.Tensor:
     with safe_open(item.shard, framework="pt") as st:
         tensor = st.get_tensor(name)
     return tensor if dtype is None else tensor.to(dtype)
-
-
-def _write_all(f, data: Union[bytes, torch.Tensor]) -> int:
-    """Write all of ``data`` (bytes, or a tensor's raw bytes) to an unbuffered file; the count written."""
-    if isinstance(data, torch.Tensor):
-        data = data.contiguous().reshape(-1).view(torch.uint8).numpy()
-    view = memoryview(data).cast("B")
-    done = 0
-    while done < len(view):
-        done += f.write(view[done : done + (1 << 30)])
-    return done
-
-
-def _copy_bytes(item: _Stored, f, length: int) -> int:
-    """Copy ``length`` bytes of a stored tensor into ``f`` in the kernel (``copy_file_range``), or in blocks."""
-    done = 0
-    with open(item.shard, "rb", buffering=0) as src:
-        try:
-            while done < length:
-                n = os.copy_file_range(src.fileno(), f.fileno(), length - done, item.offset + done)
-                if n == 0:
-                    break
-                done += n
-        except (AttributeError, OSError):  # no copy_file_range here (platform, filesystem): plain reads
-            src.seek(item.offset + done)
-            while done < length:
-                block = src.read(min(_COPY_BLOCK, length - done))
-                if not block:
-                    break
-                done += _write_all(f, block)
-    if done != length:
-        raise MergeError(f"{item.shard}: ended {length - done} bytes early (truncated while merging?)")
-    return done
 
 
 def merge_adapter(

@@ -1,4 +1,5 @@
-"""Atomic output directories: written beside the target under a temporary name, renamed at the end.
+"""Writing outputs: atomic directories (written beside the target under a temporary name, renamed at the end),
+and streaming bytes into a file (`write_all`, `copy_range`) without holding them in memory.
 
 Shared by every command that writes a directory (`uti_peft.legacy`'s converters, `uti_peft.merge`): a failed
 run leaves nothing behind, an existing target is replaced only with ``overwrite`` and only when it is empty or
@@ -12,9 +13,12 @@ import contextlib
 import os
 import shutil
 import tempfile
-from typing import Iterator, Union
+from typing import Any, BinaryIO, Iterator, Union
+
+import torch
 
 PathLike = Union[str, os.PathLike]
+_COPY_BLOCK = 16 << 20
 
 
 def is_within(path: str, parent: str) -> bool:
@@ -90,3 +94,38 @@ def atomic_output(
             with contextlib.suppress(OSError):
                 os.rmdir(directory)
         raise
+
+
+def write_all(f: BinaryIO, data: Union[bytes, Any, torch.Tensor]) -> int:
+    """Write all of ``data`` (bytes, a buffer, or a CPU tensor's raw bytes) to an unbuffered binary file, in
+    pieces of at most 1 GiB (a single ``write`` may be short); returns the count written."""
+    if isinstance(data, torch.Tensor):
+        data = data.contiguous().reshape(-1).view(torch.uint8).numpy()
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += f.write(view[done : done + (1 << 30)])
+    return done
+
+
+def copy_range(src: PathLike, offset: int, f: BinaryIO, length: int) -> int:
+    """Append ``length`` bytes of file ``src`` from ``offset`` to the unbuffered file ``f``: in the kernel
+    (``copy_file_range``: the bytes never enter this process) where possible, else in 16 MiB blocks."""
+    done = 0
+    with open(src, "rb", buffering=0) as source:
+        try:
+            while done < length:
+                n = os.copy_file_range(source.fileno(), f.fileno(), length - done, offset + done)
+                if n == 0:
+                    break
+                done += n
+        except (AttributeError, OSError):  # no copy_file_range here (platform, filesystem): plain reads
+            source.seek(offset + done)
+            while done < length:
+                block = source.read(min(_COPY_BLOCK, length - done))
+                if not block:
+                    break
+                done += write_all(f, block)
+    if done != length:
+        raise OSError(f"{src}: ended {length - done} bytes early (truncated while being copied?)")
+    return done
