@@ -360,7 +360,7 @@ def _write_extended(plan: MergePlan, name: str, f) -> int:
     else:
         with safe_open(item.shard, framework="pt") as st:
             rows = _mean_rows(st.get_slice(name)[:text].to(dtype), config)
-    if dtype == _ST_DTYPE_OF[item.entry["dtype"]]:
+    if dtype == _ST_DTYPE_OF.get(item.entry["dtype"]):
         written = copy_range(item.shard, item.offset, f, text * hidden * dtype.itemsize)
     else:
         written = 0
