@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import uti_peft
 from uti_peft.cli import main
 from uti_peft.merge import MARKER_NAME, MergeError, default_max_shard_size, merge_adapter
-from uti_peft.model import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY
+from uti_peft.constants import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY
 from uti_peft.tiny import build_tiny_qwen3
 from uti_peft.tokenizer import modality_token_names
 

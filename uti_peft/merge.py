@@ -8,7 +8,7 @@ model card (``base_model_relation: merge``) and a marker file naming what it was
 
 Nothing is instantiated: the base's shards are read tensor by tensor and written to the output shards. Only the
 input embedding and the lm_head change (``concat(base[:text_vocab_size], rows)``, exactly what
-`uti_peft.model.RowExtensionModel` builds) and, with a LoRA companion, each LoRA-targeted weight, merged by the
+`uti_peft.row_extension.model.RowExtensionModel` builds) and, with a LoRA companion, each LoRA-targeted weight, merged by the
 layer PEFT itself creates (``peft.inject_adapter_in_model`` on a one-module holder, then its ``merge()``), so the
 result equals ``PeftModel.from_pretrained(base, adapter).merge_and_unload()`` bit for bit. Module names come
 from the model built on the ``meta`` device (``get_input_embeddings()`` / ``get_output_embeddings()``), which
@@ -39,13 +39,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from transformers.utils import logging as hf_logging
 
-from .card import CARD_NAME, _version, file_sha256, read_safetensors_header, render_merged_card
-from .config import TOKEN_SPACE_NAME
-from .errors import RowExtensionError
+from .card import _version, file_sha256, read_safetensors_header, render_merged_card
+from .constants import CARD_NAME, INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, TOKEN_SPACE_NAME, WEIGHTS_NAME
+from .errors import MergeError
 from .hub import AdapterFolder, _looks_like_path, check_adapter_folder, explain_hub_error
-from .lora import SavedLora, merge_lora_weight, read_saved_lora
-from .model import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME, _mean_rows
 from .output import atomic_output, copy_range, write_all
+from .row_extension.lora import SavedLora, merge_lora_weight, read_saved_lora
+from .row_extension.model import _mean_rows
 from .tokenizer import add_modality_tokens
 
 MARKER_NAME = "uti_peft_merge.json"
@@ -55,10 +55,6 @@ _ST_DTYPE_OF = {code: dtype for dtype, code in _ST_CODES.items()}
 _BASE_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 PathLike = Union[str, os.PathLike]
-
-
-class MergeError(RowExtensionError):
-    """The base, adapter, tokenizer or output directory does not allow the merge; nothing was written."""
 
 
 def default_max_shard_size() -> Union[int, str]:
@@ -348,7 +344,7 @@ def _write_tensor(plan: MergePlan, name: str, f) -> int:
 def _write_extended(plan: MergePlan, name: str, f) -> int:
     """``concat(base[:text_vocab_size], rows)`` in the output dtype, as `RowExtensionLayer` builds it: the text
     rows copied (or converted in chunks), then the new rows (the mean of the head's text rows when the adapter has
-    none for an untied head, as `uti_peft.model._mean_rows` computes it)."""
+    none for an untied head, as `uti_peft.row_extension.model._mean_rows` computes it)."""
     dtype, _ = plan.outputs[name]
     item, config = plan.stored[name], plan.adapter.config
     text = config.text_vocab_size

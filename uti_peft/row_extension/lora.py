@@ -219,7 +219,7 @@ def read_saved_lora(where: str, name: str, model: nn.Module, stored_shapes: dict
     check_lora_weights(weights, model, where)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in weights.items():
-        relative = key.removeprefix(_PEFT_KEY_PREFIX)
+        relative = key.removeprefix(PEFT_KEY_PREFIX)
         grouped.setdefault(relative.partition(".lora_")[0], {})[relative] = tensor
     modules = {}
     for path in grouped:
@@ -238,7 +238,7 @@ def merge_lora_weight(lora: SavedLora, path: str, weight: torch.Tensor) -> torch
     """``weight`` with the LoRA of module ``path`` merged, by the very layer PEFT would wrap it in.
 
     The module is a copy of the base's (its class decides PEFT's layer), holding ``weight``, alone in a holder
-    at its own path; PEFT injects and loads the LoRA as `uti_peft.lora.load_lora` does (float32 LoRA weights on
+    at its own path; PEFT injects and loads the LoRA as `load_lora` does (float32 LoRA weights on
     bf16/fp16 weights, ``autocast_adapter_dtype``) and merges it as ``merge_and_unload`` does."""
     module = copy.deepcopy(lora.modules[path])
     module.weight = nn.Parameter(weight, requires_grad=False)
