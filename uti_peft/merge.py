@@ -7,14 +7,15 @@ as transformers writes them), the base tokenizer extended with every modality to
 model card (``base_model_relation: merge``) and a marker file naming what it was made from.
 
 Nothing is instantiated: the base's shards are read tensor by tensor and written to the output shards. Only the
-input embedding and the lm_head change (``concat(base[:text_vocab_size], rows)``, exactly what
-`uti_peft.row_extension.model.RowExtensionModel` builds) and, with a LoRA companion, each LoRA-targeted weight, merged by the
-layer PEFT itself creates (``peft.inject_adapter_in_model`` on a one-module holder, then its ``merge()``), so the
-result equals ``PeftModel.from_pretrained(base, adapter).merge_and_unload()`` bit for bit. Module names come
-from the model built on the ``meta`` device (``get_input_embeddings()`` / ``get_output_embeddings()``), which
-costs no memory. Tensors that do not change are copied byte for byte (``copy_file_range``); peak memory is
-that of the largest tensor being converted or merged, not of the model. Everything is checked before the first
-byte is written, and the output appears atomically (`uti_peft.output.atomic_output`).
+input embedding and the lm_head change (``concat(base[:text_vocab_size], rows)``, exactly what the tuner,
+`uti_peft.row_extension.model.RowExtensionModel`, builds) and, with a LoRA companion, each LoRA-targeted weight,
+merged by the layer PEFT itself creates (``peft.inject_adapter_in_model`` on a one-module holder, then its
+``merge()``), so the result equals ``PeftModel.from_pretrained(base, adapter).merge_and_unload()`` bit for bit.
+Module names come from the model built on the ``meta`` device (``get_input_embeddings()`` /
+``get_output_embeddings()``), which costs no memory. Tensors that do not change are copied byte for byte
+(``copy_file_range``); peak memory is that of the largest tensor being converted or merged, not of the model.
+Everything is checked before the first byte is written, and the output appears atomically
+(`uti_peft.output.atomic_output`).
 """
 
 from __future__ import annotations

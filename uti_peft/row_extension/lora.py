@@ -194,7 +194,7 @@ def write_lora(directory: str, config: LoraConfig, weights: dict[str, torch.Tens
               metadata={"format": "pt"})
 
 
-# ---------------------------------------------------------------------- merging a saved LoRA without a model (uti-peft merge)
+# ---------------------------------------------------------------------- a saved LoRA merged without a model
 @dataclass
 class SavedLora:
     """The LoRA companion: its config, its weights per module path and the base's modules (on meta)."""
@@ -211,10 +211,14 @@ def read_saved_lora(where: str, name: str, model: nn.Module, stored_shapes: dict
     base checkpoint's weight shapes (``stored_shapes``, by tensor name), for `merge_lora_weight`."""
     config = PeftConfig.from_pretrained(where)
     if not isinstance(config, LoraConfig):
-        raise RowExtensionError(f"{where}: adapter_config.json field peft_type is {config.peft_type!r}, expected 'LORA'")
+        raise RowExtensionError(
+            f"{where}: adapter_config.json field peft_type is {config.peft_type!r}, expected 'LORA'"
+        )
     for field_name in ("lora_bias", "target_parameters"):
         if getattr(config, field_name, None):
-            raise RowExtensionError(f"{where}: adapter_config.json field {field_name} is set; merge does not support it")
+            raise RowExtensionError(
+                f"{where}: adapter_config.json field {field_name} is set; merging it is not supported"
+            )
     weights = load_peft_weights(where, device="cpu")
     check_lora_weights(weights, model, where)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
@@ -226,8 +230,10 @@ def read_saved_lora(where: str, name: str, model: nn.Module, stored_shapes: dict
         module = model.get_submodule(path)
         shape = stored_shapes.get(f"{path}.weight")
         if shape != list(module.weight.shape):
-            raise RowExtensionError(f"{where}: LoRA targets {path!r}, whose weight the base checkpoint does not hold as "
-                                    f"{list(module.weight.shape)} (found {shape})")
+            raise RowExtensionError(
+                f"{where}: LoRA targets {path!r}, whose weight the base checkpoint does not hold as "
+                f"{list(module.weight.shape)} (found {shape})"
+            )
         if module is model.get_input_embeddings() or module is model.get_output_embeddings():
             raise RowExtensionError(f"{where}: LoRA targets {path!r}, the module that holds the new rows")
         modules[path] = module
