@@ -44,15 +44,16 @@ from .card import _version, file_sha256, read_safetensors_header, render_merged_
 from .constants import CARD_NAME, INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, TOKEN_SPACE_NAME, WEIGHTS_NAME
 from .errors import MergeError
 from .hub import AdapterFolder, _looks_like_path, check_adapter_folder, explain_hub_error
+from .legacy import _SAFETENSORS_DTYPES, DTYPES
 from .output import atomic_output, copy_range, write_all
 from .row_extension.lora import SavedLora, merge_lora_weight, read_saved_lora
 from .row_extension.model import _mean_rows
 from .tokenizer import add_modality_tokens
 
 MARKER_NAME = "uti_peft_merge.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_ST_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
-_ST_DTYPE_OF = {code: dtype for dtype, code in _ST_CODES.items()}
+# the project's one dtype table (legacy's): safetensors dtype codes of the floating tensors we convert
+_ST_DTYPE_OF = {code: getattr(torch, name) for code, name in _SAFETENSORS_DTYPES.items()}
+_ST_CODES = {dtype: code for code, dtype in _ST_DTYPE_OF.items()}
 _BASE_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 PathLike = Union[str, os.PathLike]
