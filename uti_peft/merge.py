@@ -46,8 +46,8 @@ from .errors import MergeError
 from .hub import AdapterFolder, _looks_like_path, check_adapter_folder, explain_hub_error
 from .legacy import _SAFETENSORS_DTYPES, DTYPES
 from .output import atomic_output, copy_range, write_all
+from .row_extension.layer import mean_rows
 from .row_extension.lora import SavedLora, merge_lora_weight, read_saved_lora
-from .row_extension.model import _mean_rows
 from .tokenizer import add_modality_tokens
 
 MARKER_NAME = "uti_peft_merge.json"
@@ -346,7 +346,7 @@ def _write_tensor(plan: MergePlan, name: str, f) -> int:
 def _write_extended(plan: MergePlan, name: str, f) -> int:
     """``concat(base[:text_vocab_size], rows)`` in the output dtype, as `RowExtensionLayer` builds it: the text
     rows copied (or converted in chunks), then the new rows (the mean of the head's text rows when the adapter has
-    none for an untied head, as `uti_peft.row_extension.model._mean_rows` computes it)."""
+    none for an untied head, as the tuner computes it, `uti_peft.row_extension.layer.mean_rows`)."""
     dtype, _ = plan.outputs[name]
     item, config = plan.stored[name], plan.adapter.config
     text = config.text_vocab_size
@@ -357,7 +357,7 @@ def _write_extended(plan: MergePlan, name: str, f) -> int:
         rows = plan.rows[OUTPUT_ROWS_KEY]
     else:
         with safe_open(item.shard, framework="pt") as st:
-            rows = _mean_rows(st.get_slice(name)[:text].to(dtype), config)
+            rows = mean_rows(st.get_slice(name)[:text].to(dtype), text, config.num_new_rows)
     if dtype == _ST_DTYPE_OF.get(item.entry["dtype"]):
         written = copy_range(item.shard, item.offset, f, text * hidden * dtype.itemsize)
     else:
