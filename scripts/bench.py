@@ -14,6 +14,9 @@ What it measures, and against what:
    gradients + optimizer state.
 5. **Size and conversion**: adapter directory bytes vs. the rows' bytes vs. PEFT's ``modules_to_save``
    alternative, and ``convert_legacy`` vs. a plain ``torch.load`` + ``safetensors`` ``save_file``.
+6. **Merge** (issue #12): ``uti_peft.merge_adapter`` (``uti-peft merge``, streamed) vs. ``PeftModel.from_pretrained``
+   + ``merge_and_unload()`` + ``save_pretrained``: wall time, peak RSS and the written tensors (identical), for
+   bases of each ``--merge-layers`` decoder-layer count.
 
 Why this shape: the base is built locally (no download) as a Qwen3 with the 8B's embedding shapes (151,936 rows,
 hidden 4,096, bf16, untied) and the 8B's decoder-layer shapes, but only ``--layers`` (default 1) decoder layers:
@@ -117,6 +120,7 @@ class Params:
     seed: int = 0
     dtype: str = "bfloat16"
     load_probe_tokens: int = 8
+    merge_layers: tuple[int, ...] = (1, 4)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -166,6 +170,10 @@ class Paths:
 
     def scratch(self, name: str) -> Path:
         return self.root / "scratch" / name
+
+    def merge_base(self, params: "Params", layers: int) -> Path:
+        """The base merged with ``layers`` decoder layers (the main base when the layer counts agree)."""
+        return self.base if layers == params.shape.layers else self.root / f"merge-base-{layers}L"
 
 
 # ============================================================================================ small helpers
@@ -329,6 +337,22 @@ def prepare_workdir(paths: Paths, params: Params) -> dict[str, float]:
     with timed("export_legacy_s"):
         uti_peft.export_legacy(paths.adapter, paths.legacy, progress=False)
     paths.params.write_text(json.dumps(params.to_dict(), indent=1))
+    return timings
+
+
+def prepare_merge_bases(paths: Paths, params: Params) -> dict[str, float]:
+    """Save a base of each ``merge_layers`` count that the main base is not (kept when already there)."""
+    timings = {}
+    for layers in params.merge_layers:
+        path = paths.merge_base(params, layers)
+        if (path / "config.json").is_file():
+            continue
+        start = time.perf_counter()
+        base = build_base(replace(params.shape, layers=layers), params.seed)
+        base.save_pretrained(path)
+        del base
+        gc.collect()
+        timings[f"build_save_merge_base_{layers}L_s"] = time.perf_counter() - start
     return timings
 
 
@@ -585,6 +609,52 @@ def case_convert(kind: str, paths: Paths, params: Params) -> dict[str, Any]:
     return {"seconds": seconds, "written_bytes": written, **steady_memory()}
 
 
+def merged_tensors_sha256(out: Path) -> str:
+    """One digest over every tensor written (name, dtype, shape, bytes; in name order, across shards)."""
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    files = sorted(out.glob("*.safetensors"))
+    names = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            names.update({name: path for name in f.keys()})
+    for name in sorted(names):
+        with safe_open(str(names[name]), framework="pt") as f:
+            tensor = f.get_tensor(name)
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def case_merge(kind: str, layers: int, paths: Paths, params: Params) -> dict[str, Any]:
+    """Merge the adapter into the ``layers``-layer base and write the checkpoint: ``uti_peft.merge_adapter``
+    (streamed) or PEFT's way (load, ``merge_and_unload()``, ``save_pretrained``). Time and peak RSS cover the
+    whole job; the digest of what was written is taken afterwards."""
+    import_model_stack()
+    import uti_peft
+
+    before = proc_status()["VmRSS"]
+    peak_reset = reset_peak_rss()
+    base, out = paths.merge_base(params, layers), paths.scratch(f"merge-{kind}-{layers}L-{os.getpid()}")
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    if kind == "ours":
+        uti_peft.merge_adapter(base, paths.adapter, out, progress=False)
+    else:
+        from peft import PeftModel
+
+        PeftModel.from_pretrained(load_base(base), paths.adapter).merge_and_unload().save_pretrained(out)
+    seconds = time.perf_counter() - start
+    peak = proc_status()["VmHWM"]
+    result = {"seconds": seconds, "peak_rss_bytes": peak, "rss_after_imports_bytes": before, "peak_reset": peak_reset,
+              "written_bytes": dir_bytes(out), "tensors_sha256": merged_tensors_sha256(out)}
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+MERGE_LAYER_CHOICES = range(1, 9)  # --merge-layers values that have a case
+
 CASES: dict[str, Callable[[Paths, Params], dict[str, Any]]] = {
     "load-ours": lambda p, q: case_load("ours", p, q),
     "load-merged": lambda p, q: case_load("merged", p, q),
@@ -595,6 +665,8 @@ CASES: dict[str, Callable[[Paths, Params], dict[str, Any]]] = {
     "train-legacy": lambda p, q: case_train("legacy", p, q),
     "convert-ours": lambda p, q: case_convert("ours", p, q),
     "convert-plain": lambda p, q: case_convert("plain", p, q),
+    **{f"merge-{kind}-{n}L": (lambda p, q, kind=kind, n=n: case_merge(kind, n, p, q))
+       for kind in ("ours", "peft") for n in MERGE_LAYER_CHOICES},
 }
 
 
@@ -683,6 +755,10 @@ def schedule(params: Params) -> list[tuple[str, float]]:
     steps += [("inference", budget), ("train-ours", budget), ("train-legacy", budget)]
     for rep in range(params.reps):
         steps += [(name, budget) for name in (converts if rep % 2 == 0 else converts[::-1])]
+    for layers in params.merge_layers:
+        merges = [f"merge-ours-{layers}L", f"merge-peft-{layers}L"]
+        for rep in range(params.reps):
+            steps += [(name, budget) for name in (merges if rep % 2 == 0 else merges[::-1])]
     # last (so that in --quick's single process nothing runs after it): it ends itself after --legacy-timeout
     steps.append(("load-legacy", params.legacy_timeout + 120.0))
     return steps
@@ -821,6 +897,33 @@ def size_section(runner: Runner, paths: Paths, shape: Shape) -> tuple[dict[str, 
     return section, rows
 
 
+def merge_section(runner: Runner, params: Params) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    shape = params.shape
+    largest = shape.vocab_size * shape.hidden * DTYPE_BYTES  # the extended embedding / lm_head
+    limit = 2 * largest + 512 * 2**20
+    rows, section = [], {"largest_merged_tensor_bytes": largest, "peak_rss_limit_bytes": limit, "layers": {}}
+    for layers in params.merge_layers:
+        ours, peft = f"merge-ours-{layers}L", f"merge-peft-{layers}L"
+        o_s, p_s = median(runner.values(ours, "seconds")), median(runner.values(peft, "seconds"))
+        o_rss, p_rss = median(runner.values(ours, "peak_rss_bytes")), median(runner.values(peft, "peak_rss_bytes"))
+        r = ratio(o_s, p_s)
+        rows.append(target(f"merge + write, {layers} layer(s) (s): uti-peft merge vs PEFT merge_and_unload + "
+                           "save_pretrained", o_s, p_s, r, "<= 0.5", None if r is None else r <= 0.5, "s"))
+        rows.append(target(f"merge peak RSS, {layers} layer(s): uti-peft merge vs 2 x largest merged tensor + 512 MiB",
+                           o_rss, limit, ratio(o_rss, limit), f"<= {limit:,} B", None if o_rss is None else
+                           o_rss <= limit, "bytes"))
+        rows.append(info(f"merge peak RSS, {layers} layer(s): PEFT vs uti-peft merge", p_rss, o_rss,
+                         ratio(p_rss, o_rss), "bytes", "info (peft/ours)"))
+        digests = {r.get("tensors_sha256") for case in (ours, peft) for r in runner.results.get(case, [])}
+        section["layers"][str(layers)] = {
+            "ours_s": o_s, "peft_s": p_s, "ours_peak_rss_bytes": o_rss, "peft_peak_rss_bytes": p_rss,
+            "ours_written_bytes": median(runner.values(ours, "written_bytes")),
+            "peft_written_bytes": median(runner.values(peft, "written_bytes")),
+            "tensors_identical": len(digests) == 1 and None not in digests,
+        }
+    return section, rows
+
+
 def machine_info() -> dict[str, Any]:
     import peft
     import safetensors
@@ -915,6 +1018,10 @@ def notes(params: Params) -> list[str]:
         f"Inference: prefill {params.prefill_tokens} tokens (last-token logits only, as generate() does) and "
         f"{params.decode_steps} greedy decode steps with the KV cache, explicit loop; ours and merged alternate.",
     ]
+    out.append(f"Merge: the rows-only adapter into bases of {', '.join(map(str, params.merge_layers))} decoder layer(s); "
+               "uti-peft merge streams the shards (unchanged tensors copied by the kernel), PEFT's way loads the "
+               "base (memory-mapped), merges and saves. The bases have no tokenizer, so neither writes one. The "
+               "machine is shared: timings are noisy.")
     if not params.quick:
         out.append("On CPUs without native bf16 (AVX2), PyTorch's bf16 matmul grad_out @ weight with K = vocab (the "
                    "lm_head's input gradient) runs at ~0.3 GFLOP/s (~20 s per token at this shape): the legacy recipe "
@@ -929,7 +1036,8 @@ def build_report(runner: Runner, paths: Paths, params: Params, setup: dict, star
     infer, infer_rows = inference_section(runner, params)
     train, train_rows = training_section(runner, params.shape)
     size, size_rows = size_section(runner, paths, params.shape)
-    table = load_rows + infer_rows + train_rows + size_rows
+    merge, merge_rows = merge_section(runner, params)
+    table = load_rows + infer_rows + train_rows + size_rows + merge_rows
     targets = [row for row in table if row["kind"] == "target"]
     return {
         "machine": machine_info(),
@@ -940,6 +1048,7 @@ def build_report(runner: Runner, paths: Paths, params: Params, setup: dict, star
         "inference": infer,
         "training": train,
         "size_and_conversion": size,
+        "merge": merge,
         "raw": runner.results,
         "table": table,
         "targets_met": sum(bool(row["met"]) for row in targets),
@@ -980,6 +1089,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="seconds allowed to the legacy load with transformers defaults (mean-resizing takes "
                              "~30 min at these shapes on a 2-core CPU); reported as a lower bound when hit")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, the rows and the token ids")
+    parser.add_argument("--merge-layers", type=int, nargs="+", default=[1, 4], choices=MERGE_LAYER_CHOICES,
+                        metavar="N", help="decoder-layer counts of the bases the merge case runs on")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes (uti_peft.tiny sizes), 1 repetition, all cases in one child process: the "
                              "same code paths in well under a minute, for tests; timings mean nothing")
@@ -991,10 +1102,11 @@ def params_from_args(args: argparse.Namespace) -> Params:
     if args.quick:
         return Params(shape=QUICK_SHAPE, reps=1, prefill_tokens=16, decode_steps=4, train_seq_len=16, train_steps=1,
                       legacy_timeout=min(args.legacy_timeout, 30.0), quick=True, seed=args.seed,
-                      full_warmup=args.full_warmup)
+                      full_warmup=args.full_warmup, merge_layers=(QUICK_SHAPE.layers,))
     return Params(shape=replace(Shape(), layers=args.layers), reps=args.reps, prefill_tokens=args.prefill_tokens,
                   decode_steps=args.decode_steps, train_seq_len=args.train_seq_len, train_steps=args.train_steps,
-                  legacy_timeout=args.legacy_timeout, quick=False, seed=args.seed, full_warmup=args.full_warmup)
+                  legacy_timeout=args.legacy_timeout, quick=False, seed=args.seed, full_warmup=args.full_warmup,
+                  merge_layers=tuple(args.merge_layers))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -1010,6 +1122,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         print(f"setup in {workdir}", file=sys.stderr, flush=True)
         setup = prepare_workdir(paths, params)
+        setup.update(prepare_merge_bases(paths, params))
         print(f"  {json.dumps({k: round(v, 1) for k, v in setup.items()})}", file=sys.stderr, flush=True)
         runner = Runner(workdir, params)
         runner.run(schedule(params))

@@ -11,12 +11,12 @@ REPO = Path(__file__).resolve().parents[1]
 # Lowest first. A module may import from its own layer (without a cycle) and from the layers below it.
 LAYERS: list[tuple[str, set[str]]] = [
     ("constants and errors", {"uti_peft.constants", "uti_peft.errors"}),
-    ("token space and utilities", {"uti_peft.token_space", "uti_peft.memory", "uti_peft.tiny"}),
+    ("token space and utilities", {"uti_peft.token_space", "uti_peft.memory", "uti_peft.tiny", "uti_peft.output"}),
     ("the PEFT method", {"uti_peft.row_extension"}),
     ("I/O and tasks", {
         "uti_peft.card", "uti_peft.hub", "uti_peft.legacy", "uti_peft.data", "uti_peft.evaluation",
         "uti_peft.generation", "uti_peft.tokenizer", "uti_peft.training", "uti_peft.distributed",
-        "uti_peft.output_dir", "uti_peft.demo",
+        "uti_peft.output_dir", "uti_peft.demo", "uti_peft.merge",
     }),
     ("command line", {"uti_peft.cli"}),
     ("the package's public names", {"uti_peft"}),

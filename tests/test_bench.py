@@ -52,7 +52,7 @@ def test_json_schema(quick_run):
     for section in ("setup_s", "load", "inference", "training", "size_and_conversion", "raw"):
         assert section in report
     for case in ("load-ours", "load-merged", "load-legacy-nomean", "load-legacy", "inference", "train-ours",
-                 "train-legacy", "convert-ours", "convert-plain"):
+                 "train-legacy", "convert-ours", "convert-plain", "merge-ours-2L", "merge-peft-2L"):
         assert report["raw"][case], case
     for case in ("load-ours", "load-merged", "load-legacy-nomean"):
         for result in report["raw"][case]:
@@ -64,7 +64,7 @@ def test_json_schema(quick_run):
         set(row) >= {"measurement", "kind", "ours", "reference", "ratio", "target", "met", "unit"} for row in rows
     )
     targets = [row for row in rows if row["kind"] == "target"]
-    assert len(targets) == report["targets_total"] == 9
+    assert len(targets) == report["targets_total"] == 11
     assert all(isinstance(row["met"], bool) for row in targets)
     assert report["targets_met"] + len(report["targets_missed"]) == report["targets_total"]
 
@@ -84,6 +84,10 @@ def test_deterministic_facts(quick_run):
     assert training["ours"]["grad_bytes"] == rows_bytes
     assert training["ours"]["state_bytes"] == training["expected_ours_state_bytes"] == 3 * rows_bytes + 8
     assert training["legacy"]["grad_bytes"] == 2 * shape["vocab_size"] * shape["hidden"] * 2
+
+    merge = report["merge"]["layers"]["2"]
+    assert merge["tensors_identical"] is True  # uti-peft merge writes exactly what PEFT's merge_and_unload saves
+    assert report["merge"]["largest_merged_tensor_bytes"] == shape["vocab_size"] * shape["hidden"] * 2
 
     size = report["size_and_conversion"]
     assert size["rows_bytes"] == rows_bytes

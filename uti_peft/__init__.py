@@ -9,6 +9,7 @@ from . import card as _card  # noqa: F401  (registers the model card writer for 
 from . import hub as _hub
 from .errors import RowExtensionError, TokenSpaceError
 from .legacy import convert_legacy, export_legacy
+from .merge import MergeError, merge_adapter
 from .row_extension import (
     RowExtensionConfig,
     RowExtensionEmbedding,
@@ -25,6 +26,7 @@ _hub.install()
 __version__ = "0.1.0"
 
 __all__ = [
+    "MergeError",
     "RowExtensionConfig",
     "RowExtensionEmbedding",
     "RowExtensionError",
@@ -37,5 +39,6 @@ __all__ = [
     "add_lora",
     "convert_legacy",
     "export_legacy",
+    "merge_adapter",
     "register",
 ]

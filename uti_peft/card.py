@@ -30,6 +30,7 @@ from .row_extension.config import AFTER_SAVE, RowExtensionConfig
 from .token_space import TokenSpace
 
 TEMPLATE_NAME = "adapter_card.md"
+MERGED_TEMPLATE_NAME = "merged_card.md"
 METADATA_KEY = "uti_peft"
 LIBRARY_TAG = "uti-peft"
 ADAPTER_REF_PLACEHOLDER = "<this repo id or adapter directory>"
@@ -140,6 +141,51 @@ def _card_metadata(config: RowExtensionConfig, space: TokenSpace, base_id: Optio
         facts["eval"] = eval_report
     return ModelCardData(
         base_model=base_id, library_name="peft", pipeline_tag="text-generation", tags=tags, **{METADATA_KEY: facts}
+    )
+
+
+def render_merged_card(
+    config: RowExtensionConfig,
+    facts: dict[str, Any],
+    *,
+    base_ref: str,
+    adapter_ref: str,
+    tied: bool,
+    head_rows_stored: bool,
+    weights_bytes: int,
+) -> ModelCard:
+    """The card of a merged checkpoint (`uti_peft.merge`): ``base_model`` with ``base_model_relation: merge``,
+    the token-space table, and the adapter it came from with its sha256 (``facts``, also the YAML's
+    ``uti_peft`` block)."""
+    space = config.get_token_space()
+    base_id = base_ref if _is_repo_id(base_ref) else _hub_base_model(config, space)
+    modalities = [m for m in space.modalities if m not in ("special", "text")]
+    card_data = ModelCardData(
+        base_model=base_id,
+        base_model_relation="merge" if base_id else None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=[LIBRARY_TAG, "row-extension", "vocabulary-extension", "merge", *modalities],
+        **{METADATA_KEY: _json_safe(facts)},
+    )
+    ranges = _range_rows(space)
+    for row in ranges:
+        row["encodes"] = row["encodes"].replace(" (base rows, not stored)", "")
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(resources.files("uti_peft.model_cards") / MERGED_TEMPLATE_NAME),
+        base_name=base_id or base_ref,
+        adapter_ref=adapter_ref,
+        adapter_is_repo=_is_repo_id(adapter_ref),
+        facts=facts,
+        ranges=ranges,
+        vocab_size_text=f"{config.vocab_size:,}",
+        text_vocab_size_text=f"{config.text_vocab_size:,}",
+        num_new_rows_text=f"{config.num_new_rows:,}",
+        head_text="the adapter's trained rows" if head_rows_stored
+        else "the mean of the base lm_head's text rows (the adapter has no lm_head rows)",
+        tied=tied,
+        weights_text=_format_bytes(weights_bytes),
     )
 
 

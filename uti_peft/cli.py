@@ -8,11 +8,11 @@ from typing import Optional, Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import demo, evaluation, hub, legacy, training
+    from . import demo, evaluation, hub, legacy, merge, training
 
     parser = argparse.ArgumentParser(prog="uti-peft", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module in (demo, legacy, hub, evaluation, training):
+    for module in (demo, legacy, hub, merge, evaluation, training):
         module.add_cli(subparsers)
     return parser
 

@@ -28,3 +28,8 @@ class BaseModelMismatchWarning(UserWarning):
 
 class LegacyCheckpointError(RowExtensionError):
     """A legacy checkpoint (or an adapter to export) is unsafe, unreadable or inconsistent."""
+
+
+class MergeError(RowExtensionError):
+    """A merge (`uti_peft.merge`) cannot be made: the base, adapter, tokenizer or output directory does not allow
+    it. Nothing was written."""

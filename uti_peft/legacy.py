@@ -16,15 +16,12 @@ the end): on any error nothing is left behind.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import hashlib
 import json
 import os
 import pickle
-import shutil
 import struct
-import tempfile
 import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +37,7 @@ from tqdm.auto import tqdm
 from .card import CARD_NAME, file_sha256
 from .constants import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, TOKEN_SPACE_NAME, WEIGHTS_NAME
 from .errors import LegacyCheckpointError
+from .output import atomic_output, check_target
 from .row_extension.config import RowExtensionConfig
 from .row_extension.lora import LORA_ADAPTER_NAME, read_legacy_lora, write_lora
 from .token_space import TokenSpace, is_plain_int
@@ -320,68 +318,12 @@ def _read_eval_report(value: Union[None, PathLike, dict]) -> tuple[Optional[dict
 
 
 # ---------------------------------------------------------------------------------------- atomic output
-def _is_within(path: str, parent: str) -> bool:
-    path, parent = os.path.realpath(path), os.path.realpath(parent)
-    return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
-
-
 def _check_target(target: str, overwrite: bool, marker: str, protected: tuple[str, ...]) -> None:
-    for source in protected:
-        if _is_within(source, target):
-            raise LegacyCheckpointError(f"output directory {target} would replace the input {source}")
-    if not os.path.lexists(target):
-        return
-    if not overwrite:
-        raise LegacyCheckpointError(f"output directory {target} already exists; pass --overwrite to replace it")
-    if os.path.islink(target) or not os.path.isdir(target):
-        raise LegacyCheckpointError(f"output {target} exists and is not a directory; refusing to replace it")
-    entries = os.listdir(target)
-    if entries and marker not in entries:
-        raise LegacyCheckpointError(
-            f"output directory {target} is not empty and holds no {marker}: refusing to replace what does not look "
-            "like an earlier output; remove it yourself"
-        )
+    check_target(target, overwrite, marker, protected, LegacyCheckpointError)
 
 
-@contextlib.contextmanager
 def _atomic_output(target: PathLike, *, overwrite: bool, marker: str, protected: tuple[str, ...] = ()):
-    """Yield a temporary directory beside ``target``; rename it to ``target`` if the block succeeds, else
-    remove it (and any parent directories created for it)."""
-    target = os.path.abspath(os.fspath(target))
-    _check_target(target, overwrite, marker, protected)
-    parent = os.path.dirname(target)
-    created = []
-    probe = parent
-    while not os.path.isdir(probe):
-        created.append(probe)
-        probe = os.path.dirname(probe)
-    tmp = None
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output's mode
-        yield tmp
-        _check_target(target, overwrite, marker, protected)
-        if os.path.lexists(target):
-            old = f"{tmp}-replaced"
-            os.rename(target, old)
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(old, target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for directory in created:  # deepest first
-            with contextlib.suppress(OSError):
-                os.rmdir(directory)
-        raise
+    return atomic_output(target, overwrite=overwrite, marker=marker, protected=protected, error=LegacyCheckpointError)
 
 
 # ---------------------------------------------------------------------------------------- convert

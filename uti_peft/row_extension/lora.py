@@ -15,8 +15,10 @@ is PEFT's multi-adapter machinery, unchanged:
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -190,3 +192,79 @@ def write_lora(directory: str, config: LoraConfig, weights: dict[str, torch.Tens
     config.save_pretrained(directory)
     save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(directory, SAFETENSORS_WEIGHTS_NAME),
               metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------------- a saved LoRA merged without a model
+@dataclass
+class SavedLora:
+    """The LoRA companion: its config, its weights per module path and the base's modules (on meta)."""
+
+    name: str
+    where: str
+    config: LoraConfig
+    weights: dict[str, dict[str, torch.Tensor]]  # module path -> {key relative to the model: tensor}
+    modules: dict[str, nn.Module]
+
+
+def read_saved_lora(where: str, name: str, model: nn.Module, stored_shapes: dict[str, list[int]]) -> SavedLora:
+    """The LoRA adapter in ``where`` (named ``name``), checked against ``model`` (on the meta device) and the
+    base checkpoint's weight shapes (``stored_shapes``, by tensor name), for `merge_lora_weight`."""
+    config = PeftConfig.from_pretrained(where)
+    if not isinstance(config, LoraConfig):
+        raise RowExtensionError(
+            f"{where}: adapter_config.json field peft_type is {config.peft_type!r}, expected 'LORA'"
+        )
+    for field_name in ("lora_bias", "target_parameters"):
+        if getattr(config, field_name, None):
+            raise RowExtensionError(
+                f"{where}: adapter_config.json field {field_name} is set; merging it is not supported"
+            )
+    weights = load_peft_weights(where, device="cpu")
+    check_lora_weights(weights, model, where)
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        relative = key.removeprefix(PEFT_KEY_PREFIX)
+        grouped.setdefault(relative.partition(".lora_")[0], {})[relative] = tensor
+    modules = {}
+    for path in grouped:
+        module = model.get_submodule(path)
+        shape = stored_shapes.get(f"{path}.weight")
+        if shape != list(module.weight.shape):
+            raise RowExtensionError(
+                f"{where}: LoRA targets {path!r}, whose weight the base checkpoint does not hold as "
+                f"{list(module.weight.shape)} (found {shape})"
+            )
+        if module is model.get_input_embeddings() or module is model.get_output_embeddings():
+            raise RowExtensionError(f"{where}: LoRA targets {path!r}, the module that holds the new rows")
+        modules[path] = module
+    return SavedLora(name, where, config, grouped, modules)
+
+
+def merge_lora_weight(lora: SavedLora, path: str, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` with the LoRA of module ``path`` merged, by the very layer PEFT would wrap it in.
+
+    The module is a copy of the base's (its class decides PEFT's layer), holding ``weight``, alone in a holder
+    at its own path; PEFT injects and loads the LoRA as `load_lora` does (float32 LoRA weights on
+    bf16/fp16 weights, ``autocast_adapter_dtype``) and merges it as ``merge_and_unload`` does."""
+    module = copy.deepcopy(lora.modules[path])
+    module.weight = nn.Parameter(weight, requires_grad=False)
+    if getattr(module, "bias", None) is not None:
+        module.bias = None  # a LoRA merge (lora_bias refused) never reads it
+    holder, *parents, leaf = [nn.Module(), *path.split(".")]
+    parent = holder
+    for part in parents:
+        parent.add_module(part, nn.Module())
+        parent = parent.get_submodule(part)
+    parent.add_module(leaf, module)
+    config = copy.deepcopy(lora.config)
+    config.target_modules, config.exclude_modules, config.inference_mode = {path}, None, True
+    inject_adapter_in_model(config, holder, lora.name)
+    cast_adapter_dtype(holder, adapter_name=lora.name, autocast_adapter_dtype=True)
+    result = set_peft_model_state_dict(holder, lora.weights[path], adapter_name=lora.name)
+    missing = [k for k in result.missing_keys if f".{lora.name}." in k]
+    if missing or result.unexpected_keys:
+        raise RowExtensionError(f"{lora.where}: LoRA of {path!r} does not match its config: missing {missing[:3]}, "
+                         f"unexpected {list(result.unexpected_keys)[:3]}")
+    layer = holder.get_submodule(path)
+    layer.merge()
+    return layer.get_base_layer().weight.data
