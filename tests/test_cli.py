@@ -175,7 +175,7 @@ def test_user_errors_fail_before_any_model_or_hub_access(files, online, no_model
         (["push", str(files / "adapter"), "./not-a-repo"], "REPO_ID './not-a-repo' is not a valid Hub repo id"),
         (["inspect", str(files / "nothing")], "neither a legacy checkpoint"),
         (["train", "--tiny", "--data", data, "--output-dir", str(files / "base" / "config.json")],
-         "exists and is not a directory"),
+         "is a file, not a directory"),
     ]
     for argv, message in cases:
         started = time.monotonic()

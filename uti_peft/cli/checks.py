@@ -162,11 +162,13 @@ def prepare_eval(args: argparse.Namespace) -> EvalPlan:
 
 def check_train(args: argparse.Namespace) -> None:
     """Sources, output and resume paths, the token space and every data id of ``uti-peft train``."""
+    from ..output_dir import check_output_dir
+
+    # the output directory's rules (nothing is written); training applies them again when it starts
+    check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, args.init_adapter)
     writable_dir(args.output_dir, "--output-dir")
     if args.base:
         model_source(args.base, "--base")
-    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
-        raise FileNotFoundError(f"--resume-from-checkpoint {args.resume_from_checkpoint!r}: no such directory")
     if args.rank_state_dir:
         writable_dir(args.rank_state_dir, "--rank-state-dir")
     bound_hub_requests()
