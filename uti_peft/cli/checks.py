@@ -162,9 +162,11 @@ def prepare_eval(args: argparse.Namespace) -> EvalPlan:
 
 def check_train(args: argparse.Namespace) -> None:
     """Sources, output and resume paths, the token space and every data id of ``uti-peft train``."""
+    from ..distributed import check_launch_environment
     from ..output_dir import check_output_dir
 
-    # the output directory's rules (nothing is written); training applies them again when it starts
+    # the launch set-up and the output directory's rules (nothing is written), as training applies them again
+    check_launch_environment()
     check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, args.init_adapter)
     writable_dir(args.output_dir, "--output-dir")
     if args.base:
