@@ -30,14 +30,15 @@ def probe_ids(space: uti_peft.TokenSpace, length: int = 48, seed: int = 0) -> to
     return torch.tensor(edges + rest).view(2, length)
 
 
-def legacy_patch(model, space, input_rows: torch.Tensor, output_rows: torch.Tensor | None):
+def legacy_patch(model, space, input_rows: torch.Tensor, output_rows: torch.Tensor | None, *, mean_resizing=False):
     """The legacy loader: resize to text_vocab_size, then to vocab_size, copy rows in, set the pad id.
 
-    (transformers' mean-resizing only affects rows that are then overwritten, so it is switched off to keep
-    tests fast.) For a tied model the head copy lands last in the shared matrix.
+    Our users' loader used transformers' default ``mean_resizing=True``; it only affects rows that are then
+    overwritten, so most tests switch it off to stay fast, and one test keeps the default (test_model.py).
+    For a tied model the head copy lands last in the shared matrix.
     """
-    model.resize_token_embeddings(space.text_vocab_size, mean_resizing=False)
-    model.resize_token_embeddings(space.vocab_size, mean_resizing=False)
+    model.resize_token_embeddings(space.text_vocab_size, mean_resizing=mean_resizing)
+    model.resize_token_embeddings(space.vocab_size, mean_resizing=mean_resizing)
     model.config.pad_token_id = space.pad_token_id
     with torch.no_grad():
         model.get_input_embeddings().weight[space.text_vocab_size :] = input_rows
@@ -50,10 +51,11 @@ def saved_rows(adapter_dir) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(adapter_dir, WEIGHTS_NAME))
 
 
-def legacy_model_for(adapter_dir, space, **base_kwargs):
+def legacy_model_for(adapter_dir, space, *, mean_resizing=False, **base_kwargs):
     """A fresh base patched the legacy way with the rows read straight from the adapter file."""
     rows = saved_rows(adapter_dir)
-    return legacy_patch(build_tiny_qwen3(**base_kwargs), space, rows[INPUT_ROWS_KEY], rows.get(OUTPUT_ROWS_KEY))
+    return legacy_patch(build_tiny_qwen3(**base_kwargs), space, rows[INPUT_ROWS_KEY], rows.get(OUTPUT_ROWS_KEY),
+                        mean_resizing=mean_resizing)
 
 
 def train_steps(model, space, steps: int = 2, lr: float = 1e-2, seed: int = 0):

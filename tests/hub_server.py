@@ -6,6 +6,21 @@ set ``huggingface_hub.constants.ENDPOINT`` too) and ``HF_HUB_DISABLE_XET=1``: up
 HTTP paths, base64 "regular" files inside the NDJSON commit and LFS "basic" transfers (one PUT per object)
 for ``*.safetensors``, as on the real Hub.
 
+**Why Xet stays disabled for uploads.** With ``hf_xet`` installed (a dependency of huggingface_hub 2.x),
+huggingface_hub uploads every file through Xet and has no fallback: it asks
+``/api/models/{repo}/xet-write-token/{rev}`` for a token and a CAS server URL, and ``hf_xet`` (Rust) then
+chunks, deduplicates and uploads "xorbs" and "shards" in Xet's own binary formats to that CAS server. Serving
+that would mean re-implementing the CAS protocol, which is far beyond a test server, so tests that upload set
+``HF_HUB_DISABLE_XET=1`` — the same switch a user behind a proxy that blocks the CAS host sets, and the path
+huggingface_hub documents as the fallback. Downloads need no such switch: this server's answers carry no
+``X-Xet-Hash`` header, so huggingface_hub downloads plain HTTP with Xet enabled too (a test loads that way).
+
+**Authorization, as the real Hub.** Requests may carry ``Authorization: Bearer <token>``; `LocalHub.token`
+(``hf_loopback_only``) is the one valid token and owns every repo. A wrong token is refused (401) on every
+route; writes (create a repo, preupload, commit, branch, LFS) need the valid token (401 otherwise); a
+private repo is invisible without it: 401 with ``X-Error-Code: RepoNotFound``, which huggingface_hub turns
+into ``RepositoryNotFoundError``, exactly as the Hub answers for a private repo to an anonymous client.
+
 Served (``{repo}`` is ``namespace/name``, revisions are branch names, tags or commit oids):
 
 * ``POST /api/repos/create`` (409 + url when it exists), ``POST /api/validate-yaml``
@@ -34,6 +49,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import yaml
 
 DEFAULT_NAMESPACE = "local-user"
+DEFAULT_TOKEN = "hf_loopback_only"
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt")
 _YAML_BLOCK = re.compile(r"\A---\s*\n(.*?)\n---\s*\n", re.DOTALL)
 
@@ -65,7 +81,8 @@ class Repo:
 class LocalHub:
     """The server and its state. Use as a context manager, or call `start` / `stop`."""
 
-    def __init__(self) -> None:
+    def __init__(self, token: str = DEFAULT_TOKEN) -> None:
+        self.token = token
         self.repos: dict[str, Repo] = {}
         self.lfs_objects: dict[str, bytes] = {}
         self.requests: list[dict[str, Any]] = []  # method, path, query, authorization, body size
@@ -107,11 +124,12 @@ class LocalHub:
 
     # ------------------------------------------------------------------ state helpers (for tests)
     def commit(
-        self, repo_id: str, files: dict[str, bytes], revision: str = "main", summary: str = "seed", lfs_paths=()
+        self, repo_id: str, files: dict[str, bytes], revision: str = "main", summary: str = "seed", lfs_paths=(),
+        private: bool = False,
     ) -> str:
-        """Add a commit directly (to seed a repo); creates the repo and the branch if needed."""
+        """Add a commit directly (to seed a repo); creates the repo (``private`` then) and the branch if needed."""
         with self._lock:
-            repo = self.repos.setdefault(repo_id, Repo(repo_id))
+            repo = self.repos.setdefault(repo_id, Repo(repo_id, private=private))
             return self._commit(repo, revision, summary, "", dict(files), [], list(lfs_paths))
 
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
@@ -189,11 +207,39 @@ class _Handler(BaseHTTPRequestHandler):
                 }
             )
         try:
-            self._route(parts, body)
+            if self._authorized(parts):
+                self._route(parts, body)
         except Exception as exc:  # a bug here should surface as a 500 with the reason, not a hang
             self._error(500, None, f"{type(exc).__name__}: {exc}")
 
     do_GET = do_HEAD = do_POST = do_PUT = _dispatch
+
+    # ------------------------------------------------------------------ authorization
+    def _authorized(self, parts: list[str]) -> bool:
+        """Answer 401 (and return False) unless the request may proceed: see the module docstring."""
+        header = self.headers.get("Authorization")
+        if header is not None and header != f"Bearer {self.state.token}":
+            self._error(401, None, "Invalid credentials in Authorization header")
+            return False
+        if header is not None:
+            return True
+        # the LFS upload URL stands for a pre-signed storage URL, which carries no Authorization header
+        if self.command in ("POST", "PUT") and parts[:2] != ["api", "validate-yaml"] and parts[0] != "lfs-objects":
+            self._error(401, None, "You must be authenticated to write to the Hub")
+            return False
+        repo = self.state.repos.get(self._repo_id_of(parts) or "")
+        if repo is not None and repo.private:
+            self._error(401, "RepoNotFound", "Repository Not Found")
+            return False
+        return True
+
+    @staticmethod
+    def _repo_id_of(parts: list[str]) -> Optional[str]:
+        if parts[:2] == ["api", "models"] and len(parts) >= 4:
+            return f"{parts[2]}/{parts[3]}"
+        if len(parts) >= 3 and parts[2] == "resolve":
+            return f"{parts[0]}/{parts[1]}"
+        return None
 
     def _repo(self, repo_id: str) -> Optional[Repo]:
         repo = self.state.repos.get(repo_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from typing import Any, Optional
 
 import torch
@@ -87,12 +88,16 @@ def probe_ids(space: TokenSpace, length: int = 40, seed: int = 0) -> torch.Tenso
 
 
 class RunsCodeOnLoad:
-    """Pickles to a call of ``exec`` that writes ``marker``: what a malicious checkpoint does."""
+    """Pickles to a call of ``exec`` (or ``os.system``, pickled as ``posix.system``) that writes ``marker``:
+    what a malicious checkpoint does."""
 
-    def __init__(self, marker: str) -> None:
+    def __init__(self, marker: str, via: str = "exec") -> None:
         self.marker = marker
+        self.via = via
 
     def __reduce__(self):
+        if self.via == "system":
+            return (os.system, (f"printf 'code ran' > {shlex.quote(self.marker)}",))
         return (exec, (f"open({self.marker!r}, 'w').write('code ran')",))
 
 

@@ -11,7 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Lowest first. A module may import from its own layer (without a cycle) and from the layers below it.
 LAYERS: list[tuple[str, set[str]]] = [
     ("constants and errors", {"uti_peft.constants", "uti_peft.errors"}),
-    ("token space and utilities", {"uti_peft.token_space", "uti_peft.memory", "uti_peft.tiny", "uti_peft.output"}),
+    ("token space and utilities", {"uti_peft.token_space", "uti_peft.memory", "uti_peft.tiny", "uti_peft.output",
+                                   "uti_peft.paths"}),
     ("the PEFT method", {"uti_peft.row_extension"}),
     ("I/O and tasks", {
         "uti_peft.card", "uti_peft.hub", "uti_peft.legacy", "uti_peft.data", "uti_peft.evaluation",
@@ -19,7 +20,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "uti_peft.output_dir", "uti_peft.demo", "uti_peft.merge",
     }),
     ("command line", {"uti_peft.cli"}),
-    ("the package's public names", {"uti_peft"}),
+    ("the package's public names and their registration", {"uti_peft"}),
     ("the start-up hook, which imports the package when peft is first used", {"uti_peft_autoload"}),
 ]
 

@@ -1,6 +1,8 @@
 """`scripts/bench.py --quick` runs every benchmark case on a tiny model and writes bench.json + bench.md.
 
 Only the report's shape and the deterministic facts are checked (bytes, exactness), never a timing or a ratio.
+The expected bytes are computed here from the files the bench wrote (the base's config.json, the token space,
+the adapter file), never from the parameters the report echoes.
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
+
+from uti_peft.token_space import TokenSpace
 
 BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
 TABLE_HEADER = "| measurement | ours | reference | ratio | target | met? |"
@@ -42,12 +48,7 @@ def test_json_schema(quick_run):
     machine = report["machine"]
     for key in ("cpu_model", "cores", "ram_bytes", "torch", "transformers", "peft"):
         assert machine[key]
-    params = report["parameters"]
-    assert params["quick"] is True and params["reps"] == 1 and params["dtype"] == "bfloat16"
-    for key in ("prefill_tokens", "decode_steps", "train_seq_len", "train_steps", "legacy_timeout"):
-        assert params[key] > 0
-    shape = params["shape"]
-    assert shape["vocab_size"] == shape["text_vocab"] + shape["new_rows"]
+    assert report["parameters"]["shape"]
 
     for section in ("setup_s", "load", "inference", "training", "size_and_conversion", "raw"):
         assert section in report
@@ -71,19 +72,27 @@ def test_json_schema(quick_run):
 
 def test_deterministic_facts(quick_run):
     report = json.loads((quick_run / "bench.json").read_text())
-    shape = report["parameters"]["shape"]
-    rows_bytes = 2 * shape["new_rows"] * shape["hidden"] * 2  # embedding + lm_head rows, bf16
+    work = quick_run / "work"
+    config = json.loads((work / "base" / "config.json").read_text())
+    space = TokenSpace.from_file(work / "token_space.json")
+    hidden, dtype_bytes = config["hidden_size"], torch.finfo(getattr(torch, config["dtype"])).bits // 8
+    rows_bytes = 2 * space.num_new_rows * hidden * dtype_bytes  # embedding + lm_head rows
+    with safe_open(work / "adapter" / "adapter_model.safetensors", framework="pt") as f:
+        tensors = [f.get_tensor(k) for k in f.keys()]
+    on_disk = sum(t.numel() * t.element_size() for t in tensors)
+    assert on_disk == rows_bytes
+    shape = {"vocab_size": space.vocab_size, "hidden": hidden}
 
     legacy = report["load"]["legacy_defaults"]
-    assert legacy["timed_out"] is True and legacy["seconds_lower_bound"] == pytest.approx(0.001)
+    assert legacy["timed_out"] is True and legacy["seconds_lower_bound"] >= 0.001  # killed at --legacy-timeout
     assert report["load"]["logits_identical_ours_merged_legacy"] is True
     assert report["inference"]["same_greedy_tokens"] is True
 
     training = report["training"]
     assert training["rows_bytes"] == rows_bytes
     assert training["ours"]["grad_bytes"] == rows_bytes
-    assert training["ours"]["state_bytes"] == training["expected_ours_state_bytes"] == 3 * rows_bytes + 8
-    assert training["legacy"]["grad_bytes"] == 2 * shape["vocab_size"] * shape["hidden"] * 2
+    assert training["ours"]["state_bytes"] == 3 * rows_bytes + 8  # gradient + 2 AdamW moments + 2 step scalars
+    assert training["legacy"]["grad_bytes"] == 2 * shape["vocab_size"] * shape["hidden"] * dtype_bytes
 
     merge = report["merge"]["layers"]["2"]
     assert merge["tensors_identical"] is True  # uti-peft merge writes exactly what PEFT's merge_and_unload saves
@@ -91,8 +100,9 @@ def test_deterministic_facts(quick_run):
 
     size = report["size_and_conversion"]
     assert size["rows_bytes"] == rows_bytes
-    assert size["adapter_files"]["adapter_model.safetensors"] > rows_bytes
-    assert size["modules_to_save_bytes"] == 2 * shape["vocab_size"] * shape["hidden"] * 2
+    adapter_file = work / "adapter" / "adapter_model.safetensors"
+    assert size["adapter_files"]["adapter_model.safetensors"] == adapter_file.stat().st_size
+    assert size["modules_to_save_bytes"] == 2 * shape["vocab_size"] * shape["hidden"] * dtype_bytes
 
 
 def test_markdown_table(quick_run):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from uti_peft import data, evaluation, training
+from uti_peft.cli import commands as cli_commands
 from uti_peft.data import IGNORE_INDEX, Example, PaddingCollator, prepare, scored_token_losses
 from uti_peft.tiny import tiny_token_space
 
@@ -76,7 +77,7 @@ def test_scored_token_losses_are_the_shifted_cross_entropy_per_row():
 
 def test_shared_command_line_options():
     parser = argparse.ArgumentParser()
-    data.add_data_arguments(parser)
+    cli_commands.add_data_arguments(parser)
     args = parser.parse_args(["--data", "d.jsonl"])
     assert (args.data, args.max_seq_len, args.truncation_side) == ("d.jsonl", 2048, "left")
     for bad in (["--max-seq-len", "0"], ["--truncation-side", "middle"], []):

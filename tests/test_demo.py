@@ -1,21 +1,49 @@
-"""`uti-peft demo` runs the whole life cycle locally and reports what it checked."""
+"""`uti-peft demo` runs the whole life cycle locally; what it writes is checked here independently of what it reports."""
+
+import os
+
+import torch
+from peft import PeftModel
+from safetensors import safe_open
 
 from uti_peft.cli import main
-from uti_peft.demo import run_demo
+from uti_peft.demo import BASE_ROWS, run_demo
+from uti_peft.constants import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
+from uti_peft.tiny import build_tiny_qwen3
+
+from conftest import legacy_model_for, probe_ids
 
 
-def test_demo_checks_hold(tmp_path):
+def test_the_demo_adapter_is_the_rows_and_loads_like_the_legacy_recipe(tmp_path, token_space):
     report = run_demo(str(tmp_path), steps=2)
-    assert report["loaded_equals_trained"] and report["merged_equals_loaded"]
-    assert report["loaded_logits_width"] == report["vocab_size"] == report["loaded_config_vocab_size"]
-    assert report["merged_embedding_rows"] == report["vocab_size"]
-    assert report["base_rows"] > report["text_vocab_size"]
-    assert report["rows_bytes"] == report["trainable_params"] * 4
-    assert 0 < report["adapter_file_bytes"] - report["rows_bytes"] < 1024
+    adapter = tmp_path / "adapter"
+    assert report["adapter_dir"] == str(adapter)
+
+    hidden = build_tiny_qwen3().config.hidden_size
+    with safe_open(adapter / WEIGHTS_NAME, framework="pt") as f:  # the file holds the new rows, nothing else
+        shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+        rows = {key: f.get_tensor(key) for key in f.keys()}
+    assert shapes == {key: [token_space.num_new_rows, hidden] for key in (INPUT_ROWS_KEY, OUTPUT_ROWS_KEY)}
+
+    # trained: the saved rows moved away from the mean-of-text-rows start
+    base = build_tiny_qwen3(vocab_rows=BASE_ROWS)
+    text_mean = base.get_input_embeddings().weight[: token_space.text_vocab_size].mean(0)
+    assert (rows[INPUT_ROWS_KEY] - text_mean).abs().max() > 1e-2
+
+    ids = probe_ids(token_space)
+    loaded = PeftModel.from_pretrained(base, adapter)
+    legacy = legacy_model_for(adapter, token_space, vocab_rows=BASE_ROWS)  # resize, resize, copy rows
+    with torch.no_grad():
+        ours, reference = loaded(ids).logits, legacy(ids).logits
+        merged = loaded.merge_and_unload()(ids).logits
+    assert ours.shape[-1] == token_space.vocab_size
+    assert torch.equal(ours, reference) and torch.equal(merged, reference)
 
 
-def test_demo_cli(tmp_path, capsys):
+def test_demo_cli_keeps_the_workdir_it_is_given(tmp_path, capsys):
     assert main(["demo", "--workdir", str(tmp_path), "--steps", "1"]) == 0
     out = capsys.readouterr().out
     assert "OK: save -> PeftModel.from_pretrained -> merge reproduces the logits exactly" in out
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert sorted(os.listdir(tmp_path / "adapter")) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "token_space.json"
+    ]

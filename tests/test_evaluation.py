@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 
@@ -10,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from uti_peft.evaluation import EvalExample, add_cli, evaluate, read_jsonl
+from uti_peft.cli import build_parser
+from uti_peft.evaluation import EvalExample, evaluate, read_jsonl
 from uti_peft.tiny import build_tiny_qwen3, tiny_token_space
 
 from conftest import legacy_patch
@@ -75,11 +75,12 @@ def random_audio(rng, steps):
 
 def expected_report(model, examples, max_seq_len, side):
     """Independent computation: one example at a time, plain tensors, transformers' own loss for the mean."""
-    per_example, skipped = [], 0
+    per_example, skipped, truncated = [], 0, 0
     for ex in examples:
         ids = torch.tensor(ex.input_ids)
         labels = torch.tensor(ex.labels) if ex.labels is not None else torch.where(ids == PAD, -100, ids)
         if len(ids) > max_seq_len:
+            truncated += 1
             keep = slice(len(ids) - max_seq_len, None) if side == "left" else slice(0, max_seq_len)
             ids, labels = ids[keep], labels[keep]
         with torch.no_grad():
@@ -99,12 +100,14 @@ def expected_report(model, examples, max_seq_len, side):
         "counts": {k: len(v) for k, v in rows.items()},
         "tokens": {k: sum(r[3] for r in v) for k, v in rows.items()},
         "skipped": skipped,
+        "truncated": truncated,
     }
 
 
 def assert_numbers_match(report, expected):
     """Counts exactly, losses to 1e-6 (relative for losses above 1: float32 resolution at ~10 is ~1e-6)."""
     assert (report["counts"], report["skipped"]) == (expected["counts"], expected["skipped"])
+    assert report["truncated"] == expected["truncated"]
     assert report["tokens"] == expected["tokens"]
     for metric in ("loss_mean", "loss_token_weighted"):
         assert list(report[metric]) == list(expected[metric])
@@ -201,9 +204,7 @@ def test_read_jsonl_errors_name_file_and_line(tmp_path, line, message):
 
 
 def parse_eval(argv):
-    parser = argparse.ArgumentParser(prog="uti-peft")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(["eval", *argv])
+    return build_parser().parse_args(["eval", *argv])
 
 
 def test_cli_defaults_and_validation():

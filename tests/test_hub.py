@@ -39,7 +39,7 @@ from uti_peft.errors import (
     RowExtensionError,
     WrongAdapterTypeError,
 )
-from uti_peft.hub import ADAPTER_FILES, check_adapter_folder
+from uti_peft.hub import check_adapter_folder
 from uti_peft.row_extension.base_check import check_base_model, same_model_name
 from uti_peft.tiny import build_tiny_qwen3, tiny_token_space
 
@@ -51,6 +51,13 @@ SPACE = tiny_token_space()
 BASE_ID = "org/tiny-base"
 IDS = torch.tensor([[0, 7, 999, 1000, 1009, 1100, 1400, 1575]])
 ROWS_BYTES = 2 * SPACE.num_new_rows * 64 * 4  # input + lm_head rows, float32, hidden 64
+# what a push must upload, written out here (not read from uti_peft.hub) so the tests can disagree with the code
+FOUR_FILES = {"adapter_config.json", "adapter_model.safetensors", "token_space.json", "README.md"}
+
+
+def commit_requests(hub: LocalHub, repo_id: str) -> list[dict]:
+    """The commit calls the server received for ``repo_id`` (one per ``create_commit``)."""
+    return [r for r in hub.requests if r["method"] == "POST" and r["path"].startswith(f"/api/models/{repo_id}/commit/")]
 
 
 def logits(model) -> torch.Tensor:
@@ -146,9 +153,10 @@ def test_model_push_to_hub_uploads_exactly_the_four_files(online, tmp_path):
     model = adapter_model(0.25)
     info = model.push_to_hub("org/push-four", private=True, commit_message="Add rows")
 
-    commit = online.commits_of("org/push-four")[-1]
-    assert info.oid == commit.oid and commit.summary == "Add rows"
-    assert set(commit.added) == set(ADAPTER_FILES)
+    initial, commit = online.commits_of("org/push-four")  # the repo's creation, then exactly one upload
+    assert len(commit_requests(online, "org/push-four")) == 1
+    assert info.oid == commit.oid and commit.summary == "Add rows" and commit.parent == initial.oid
+    assert set(commit.added) == FOUR_FILES and set(commit.files) == FOUR_FILES | {".gitattributes"}
     assert online.created[-1] == {"name": "push-four", "organization": "org", "visibility": "private"}
     assert commit.lfs_paths == ["adapter_model.safetensors"]  # LFS basic transfer, like the real Hub
     assert any(r["path"] == "/api/validate-yaml" for r in online.requests)
@@ -168,7 +176,7 @@ def test_model_push_to_hub_uploads_exactly_the_four_files(online, tmp_path):
     assert card_facts(card)["rows_bytes"] == ROWS_BYTES
 
     model.save_pretrained(tmp_path / "local")  # a local directory and the Hub repo look the same
-    for name in ADAPTER_FILES:
+    for name in FOUR_FILES:
         assert (tmp_path / "local" / name).read_bytes() == commit.added[name], name
 
 
@@ -177,11 +185,11 @@ def test_push_to_a_branch_then_load_by_id_with_revision_and_subfolder(online, sa
     model = adapter_model(0.75)
     model.push_to_hub("org/push-rev", revision="dev")
     assert set(online.files("org/push-rev", "main")) == {".gitattributes"}
-    assert set(ADAPTER_FILES) <= set(online.files("org/push-rev", "dev"))
+    assert FOUR_FILES <= set(online.files("org/push-rev", "dev"))
 
     second = adapter_model(-0.5, adapter_name="extra")  # a non-default name goes to its subfolder, as PEFT saves it
     second.push_to_hub("org/push-rev", revision="dev", commit_message="extra")
-    assert {f"extra/{name}" for name in ADAPTER_FILES} <= set(online.files("org/push-rev", "dev"))
+    assert {f"extra/{name}" for name in FOUR_FILES} <= set(online.files("org/push-rev", "dev"))
 
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_ID), "org/push-rev", revision="dev")
     assert torch.equal(logits(loaded), logits(model))
@@ -197,8 +205,9 @@ def test_push_of_rows_plus_lora_uploads_both_and_loads_by_id_in_one_call(online,
     uti_peft.add_lora(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     model.push_to_hub("org/rows-lora", revision="dev")
 
+    assert len(online.commits_of("org/rows-lora")) == 2 and len(commit_requests(online, "org/rows-lora")) == 1
     commit = online.commits_of("org/rows-lora")[-1]
-    assert set(commit.added) == {*ADAPTER_FILES, "lora/adapter_config.json", "lora/adapter_model.safetensors"}
+    assert set(commit.added) == {*FOUR_FILES, "lora/adapter_config.json", "lora/adapter_model.safetensors"}
     assert card_facts(ModelCard(commit.added["README.md"].decode()))["lora_adapter"] == "lora"
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_ID), "org/rows-lora", revision="dev")
     assert set(loaded.peft_config) == {"default", "lora"}
@@ -210,11 +219,12 @@ def test_cli_push_uploads_the_directory(online, saved, tmp_path, capsys):
         ["push", str(saved["v1"]), "org/cli-push", "--private", "--revision", "dev", "--commit-message", "From CLI"]
     )
     assert rc == 0, capsys.readouterr().err
+    assert len(online.commits_of("org/cli-push")) == 2 and len(commit_requests(online, "org/cli-push")) == 1
     commit = online.commits_of("org/cli-push")[-1]
     assert commit.summary == "From CLI" and online.repos["org/cli-push"].private
     assert online.repos["org/cli-push"].branches["dev"] == commit.oid
-    assert set(commit.added) == set(ADAPTER_FILES)
-    for name in ADAPTER_FILES:
+    assert set(commit.added) == FOUR_FILES
+    for name in FOUR_FILES:
         assert (saved["v1"] / name).read_bytes() == commit.added[name], name
     assert commit.oid in capsys.readouterr().out
 
@@ -259,6 +269,32 @@ def test_cli_push_refuses_what_is_not_a_rows_only_row_extension_adapter(online, 
         assert cli.main(["push", str(folder), "org/cli-refused"]) == 2
         assert re.search(message, capsys.readouterr().err), message
     assert "org/cli-refused" not in online.repos  # refused before anything was created
+
+
+def test_the_token_is_sent_and_private_repos_need_it(online, saved, monkeypatch, tmp_path):
+    """The server checks Authorization like the Hub: the push carries the token, a private repo is invisible
+    without it (and with a wrong one), a public one is readable anonymously; loads take the default Xet path."""
+    adapter_model(0.5).push_to_hub("org/private-rows", private=True)
+    sent = {r["authorization"] for r in online.requests if "/org/private-rows" in r["path"] or r["path"] ==
+            "/api/repos/create"}
+    assert sent == {"Bearer hf_loopback_only"}
+    online.commit("org/public-rows", {p: f.read_bytes() for p, f in folder_files(saved["v1"]).items()})
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)  # downloads need no Xet server (see hub_server)
+    loaded = PeftModel.from_pretrained(build_tiny_qwen3(), "org/private-rows")  # HF_TOKEN is set: allowed
+    assert torch.equal(logits(loaded), logits(adapter_model(0.5)))
+
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "anonymous-cache"))
+    with pytest.raises(AdapterNotFoundError, match=r"no model repo 'org/private-rows' .*\(or no access to it\)"):
+        PeftModel.from_pretrained(build_tiny_qwen3(), "org/private-rows")
+    assert online.requests[-1]["authorization"] is None
+    with pytest.raises(AdapterNotFoundError, match=r"'org/private-rows'"):
+        PeftModel.from_pretrained(build_tiny_qwen3(), "org/private-rows", token="hf_wrong")
+    assert online.requests[-1]["authorization"] == "Bearer hf_wrong"
+    loaded = PeftModel.from_pretrained(build_tiny_qwen3(), "org/public-rows")  # public: no token needed
+    assert torch.equal(logits(loaded), saved["v1_logits"])
 
 
 # ---------------------------------------------------------------------- load by repo id
@@ -442,7 +478,7 @@ def test_env_var_flow_in_a_fresh_process(local_hub, saved, tmp_path):
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads(run.stdout.split("REPORT ", 1)[1])
     commit = local_hub.repos["org/env-rows"].commits[report["commit"]]
-    assert set(commit.added) == set(ADAPTER_FILES)
+    assert set(commit.added) == FOUR_FILES and len(commit_requests(local_hub, "org/env-rows")) == 1
     assert json.loads(commit.added["adapter_config.json"])["base_model_name_or_path"] == "org/env-base"
     card = ModelCard(commit.added["README.md"].decode())
     assert card.data.base_model == "org/env-base" and card_facts(card)["rows_bytes"] == ROWS_BYTES

@@ -212,3 +212,20 @@ def test_legacy_stage4_conversion_refuses_a_foreign_lora_directory(tmp_path, tok
     assert not (tmp_path / "adapter").exists()  # nothing written half-way
     with pytest.raises(uti_peft.RowExtensionError, match="adapter_config.json is missing"):
         uti_peft.convert_legacy(tmp_path / "rows", tmp_path / "adapter", lora_dir=tmp_path / "rows")
+
+
+def test_legacy_stage4_conversion_refuses_swapped_embedding_and_head_blocks(tmp_path, token_space):
+    """Each full matrix is checked against the rows of its own role: an embedding holding the checkpoint's
+    head rows (and the head its embedding rows) is another model's, even though each block exists."""
+    write_stage4(tmp_path, token_space, dtype=torch.float32, save_embedding_layers=True)
+    weights = load_file(tmp_path / "lora" / WEIGHTS_NAME)
+    embed = next(k for k in weights if k.endswith("embed_tokens.weight"))
+    head = next(k for k in weights if k.endswith("lm_head.weight"))
+    text = token_space.text_vocab_size
+    assert not torch.equal(weights[embed][text:], weights[head][text:])  # the swap below changes something
+    weights[embed][text:], weights[head][text:] = weights[head][text:].clone(), weights[embed][text:].clone()
+    save_file(weights, tmp_path / "lora" / WEIGHTS_NAME)
+    swapped = rf"({embed} .*embedding matrix|{head} .*lm_head matrix) whose rows {text}\.\. equal the checkpoint's"
+    with pytest.raises(uti_peft.RowExtensionError, match=swapped):
+        uti_peft.convert_legacy(tmp_path / "rows", tmp_path / "adapter", lora_dir=tmp_path / "lora")
+    assert not (tmp_path / "adapter").exists()

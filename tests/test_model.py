@@ -48,6 +48,18 @@ def test_loaded_adapter_matches_legacy_patched_model_exactly(make_adapter, token
     assert {p.dtype for p in model.parameters()} == {dtype}
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_matches_the_legacy_loader_with_transformers_default_mean_resizing(make_adapter, token_space, tied):
+    """Our users' loader called resize_token_embeddings with transformers' default (mean_resizing=True)."""
+    adapter = make_adapter(tied=tied)
+    legacy = legacy_model_for(adapter, token_space, tied=tied, mean_resizing=True)
+    model = PeftModel.from_pretrained(build_tiny_qwen3(tied=tied), adapter)
+    ids = probe_ids(token_space)
+    assert torch.equal(logits(model, ids), logits(legacy, ids))
+    merged = model.merge_and_unload()
+    assert torch.equal(merged.get_input_embeddings().weight, legacy.get_input_embeddings().weight)
+
+
 @pytest.mark.parametrize("vocab_rows", [TEXT_VOCAB, 1576, 1700], ids=["text-rows", "total-rows", "more-rows"])
 def test_base_row_count_does_not_matter(make_adapter, token_space, vocab_rows):
     adapter = make_adapter()
@@ -194,12 +206,14 @@ def test_unload_restores_the_base_bit_exactly(make_adapter, tied, vocab_rows):
 
 
 def test_disable_adapter_explains_why_it_cannot(make_adapter, token_space):
-    model = PeftModel.from_pretrained(build_tiny_qwen3(), make_adapter())
+    adapter = make_adapter()
+    model = PeftModel.from_pretrained(build_tiny_qwen3(), adapter)
     with pytest.raises(RuntimeError, match="cannot be disabled.*unload"):
         with model.disable_adapter():
             pass
-    # the failed attempt left the adapter working
-    assert logits(model, probe_ids(token_space)).shape[-1] == token_space.vocab_size
+    # the failed attempt left the adapter working: the legacy-patched model's very logits
+    ids = probe_ids(token_space)
+    assert torch.equal(logits(model, ids), logits(legacy_model_for(adapter, token_space), ids))
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -217,15 +231,20 @@ def test_generate_with_modality_ids_matches_legacy(make_adapter, token_space, ti
     assert torch.equal(ours, legacy.generate(input_ids=prompt, **kwargs))
 
 
-def test_low_cpu_mem_usage_on_an_accelerate_dispatched_base(make_adapter, token_space, tmp_path):
+def test_low_cpu_mem_usage_on_a_dispatched_base_with_a_layer_offloaded_to_disk(make_adapter, token_space, tmp_path):
     adapter = make_adapter(dtype=torch.bfloat16)
     build_tiny_qwen3(dtype=torch.bfloat16).save_pretrained(tmp_path / "base")
     base = AutoModelForCausalLM.from_pretrained(
         tmp_path / "base", device_map="auto", low_cpu_mem_usage=True, dtype=torch.bfloat16
     )
-    # dispatched with CPU offload: accelerate hooks on every module, weights held in the hooks' maps
-    device_map = {name: "cpu" for name in ("model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb")}
-    base = dispatch_model(base, device_map={**device_map, "lm_head": "cpu"}, force_hooks=True)
+    # a decoder layer offloaded to disk (its weights on the meta device, read back by accelerate's hook at each
+    # forward); the embedding and lm_head stay on the CPU, as extending them requires
+    device_map = {name: "cpu" for name in ("model.embed_tokens", "model.layers.0", "model.norm", "model.rotary_emb")}
+    device_map.update({"model.layers.1": "disk", "lm_head": "cpu"})
+    base = dispatch_model(base, device_map=device_map, offload_dir=str(tmp_path / "offload"), force_hooks=True)
+    offloaded = base.model.layers[1]
+    assert offloaded.self_attn.q_proj.weight.device.type == "meta"
+    assert any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in offloaded.modules())
     assert hasattr(base.get_input_embeddings(), "_hf_hook")
 
     model = PeftModel.from_pretrained(base, adapter, low_cpu_mem_usage=True)

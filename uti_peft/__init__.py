@@ -3,42 +3,60 @@
 ``import uti_peft`` registers the ``ROW_EXTENSION`` method with PEFT, after which
 ``PeftModel.from_pretrained(base, adapter)`` resizes the base and patches the new rows in. (An installed
 uti-peft also registers itself the first time peft is imported; see `uti_peft_autoload`.)
+
+The registration (the method, the model-card writer, the Hub integration) happens when PEFT or transformers is
+imported — at once if one already is; see `uti_peft.import_hook` — and the public names below are imported on
+first use, so that ``import uti_peft`` (and the ``uti-peft`` command line, whose modules live here) does not
+import torch, transformers or peft by itself.
 """
 
-from . import card as _card  # noqa: F401  (registers the model card writer for saved adapters)
-from . import hub as _hub
-from .errors import RowExtensionError, TokenSpaceError
-from .legacy import convert_legacy, export_legacy
-from .merge import MergeError, merge_adapter
-from .row_extension import (
-    RowExtensionConfig,
-    RowExtensionEmbedding,
-    RowExtensionLayer,
-    RowExtensionLinear,
-    RowExtensionModel,
-    add_lora,
-    register,
-)
-from .token_space import TokenRange, TokenSpace
+from __future__ import annotations
 
-_hub.install()
+import importlib
+from importlib import metadata
+from typing import Any
 
-__version__ = "0.1.0"
+from . import import_hook
 
-__all__ = [
-    "MergeError",
-    "RowExtensionConfig",
-    "RowExtensionEmbedding",
-    "RowExtensionError",
-    "RowExtensionLayer",
-    "RowExtensionLinear",
-    "RowExtensionModel",
-    "TokenRange",
-    "TokenSpace",
-    "TokenSpaceError",
-    "add_lora",
-    "convert_legacy",
-    "export_legacy",
-    "merge_adapter",
-    "register",
-]
+try:
+    __version__ = metadata.version("uti-peft")
+except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
+
+# public name -> the module that defines it
+_PUBLIC = {
+    "RowExtensionConfig": "row_extension",
+    "RowExtensionEmbedding": "row_extension",
+    "RowExtensionLayer": "row_extension",
+    "RowExtensionLinear": "row_extension",
+    "RowExtensionModel": "row_extension",
+    "add_lora": "row_extension",
+    "register": "row_extension",
+    "RowExtensionError": "errors",
+    "TokenSpaceError": "errors",
+    "convert_legacy": "legacy",
+    "export_legacy": "legacy",
+    "MergeError": "errors",
+    "merge_adapter": "merge",
+    "TokenRange": "token_space",
+    "TokenSpace": "token_space",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    """PEP 562: import a public name's module on first use (``uti_peft.TokenSpace``, ``from uti_peft import …``)."""
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'uti_peft' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})
+
+
+import_hook.install()

@@ -8,7 +8,6 @@ optimises exactly the loss that evaluation reports.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import dataclass
@@ -17,12 +16,11 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from .constants import DEFAULT_MAX_SEQ_LEN, TRUNCATION_SIDES
 from .token_space import TokenSpace
 
 IGNORE_INDEX = -100
 ALL = "all"  # reserved: evaluation reports use it as the key of the whole data set
-DEFAULT_MAX_SEQ_LEN = 2048
-TRUNCATION_SIDES = ("left", "right")
 TASK_INDEX_KEY = "task_index"
 
 
@@ -168,24 +166,6 @@ def scored_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     return losses, scored.nonzero()[:, 0]
 
 
-# ---------------------------------------------------------------------------------------- command line
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--data``, ``--max-seq-len`` and ``--truncation-side``, the same for every command that reads data."""
-    parser.add_argument("--data", required=True, help="tokenized JSONL (task, input_ids, optional labels)")
-    parser.add_argument("--max-seq-len", type=positive_int, default=DEFAULT_MAX_SEQ_LEN)
-    parser.add_argument(
-        "--truncation-side", choices=TRUNCATION_SIDES, default="left", help="left keeps the end of a long example"
-    )
-
-
 def task_list(examples: Sequence[Union[Example, PreparedExample]]) -> list[str]:
     """The sorted task names of a data set: a fixed order every process derives alike."""
     return sorted({e.task for e in examples})
@@ -200,10 +180,8 @@ __all__ = [
     "Example",
     "PaddingCollator",
     "PreparedExample",
-    "add_data_arguments",
     "check_ids",
     "check_window",
-    "positive_int",
     "prepare",
     "read_jsonl",
     "scored_token_losses",

@@ -9,24 +9,20 @@ batch never changes an example's numbers: batch size only changes speed.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 from typing import Any, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .constants import TOKEN_SPACE_NAME
+from .constants import DTYPE_NAMES
 from .data import (
     ALL,
     DEFAULT_MAX_SEQ_LEN,
     IGNORE_INDEX,
     TRUNCATION_SIDES,
     PaddingCollator,
-    add_data_arguments,
     check_window,
-    positive_int,
     prepare,
     read_jsonl,
     scored_token_losses,
@@ -34,11 +30,11 @@ from .data import (
 from .data import Example as EvalExample
 from .token_space import TokenSpace
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 # Re-exported: the JSONL reader and its constants moved to uti_peft.data, where training shares them.
-__all__ = ["ALL", "DEFAULT_MAX_SEQ_LEN", "DTYPES", "IGNORE_INDEX", "TRUNCATION_SIDES", "EvalExample", "add_cli",
-           "evaluate", "read_jsonl"]
+__all__ = ["ALL", "DEFAULT_MAX_SEQ_LEN", "DTYPES", "IGNORE_INDEX", "TRUNCATION_SIDES", "EvalExample", "evaluate",
+           "load_model", "read_jsonl", "summary", "write_atomically"]
 
 
 # ---------------------------------------------------------------------------------------- scoring
@@ -59,11 +55,14 @@ def evaluate(
     ignored, shifted by one as transformers does. Examples left with no scored token are not scored
     and are counted under ``skipped``. Returns ``loss_mean`` (mean of per-example mean losses),
     ``loss_token_weighted`` (token-loss sum / token count), ``counts`` (examples), ``tokens`` (scored
-    tokens), each keyed by ``all`` and every task, plus ``skipped``.
+    tokens), each keyed by ``all`` and every task, plus ``skipped`` and ``truncated`` (examples longer than
+    ``max_seq_len``, scored on their window only).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     check_window(max_seq_len, truncation_side)
+    examples = list(examples)
+    truncated = sum(len(e.input_ids) > max_seq_len for e in examples)
     prepared = [prepare(e, token_space, max_seq_len, truncation_side) for e in examples]
     scorable = [e for e in prepared if e.has_scored_tokens]
     # Longest first: similar lengths share a batch (less padding) and an out-of-memory shows up at once.
@@ -81,7 +80,7 @@ def evaluate(
             bar.update(len(batch))
     if not results:
         raise ValueError("no example has a token to score (every example is empty or fully ignored)")
-    return _report(results, skipped=len(prepared) - len(scorable))
+    return _report(results, skipped=len(prepared) - len(scorable), truncated=truncated)
 
 
 def _score_batch(
@@ -98,7 +97,7 @@ def _score_batch(
     return sums, torch.bincount(rows, minlength=n)
 
 
-def _report(results: Sequence[tuple[str, float, int]], skipped: int) -> dict[str, Any]:
+def _report(results: Sequence[tuple[str, float, int]], skipped: int, truncated: int) -> dict[str, Any]:
     groups: dict[str, list[tuple[float, int]]] = {ALL: []}
     for task in sorted({task for task, _, _ in results}):
         groups[task] = []
@@ -111,72 +110,20 @@ def _report(results: Sequence[tuple[str, float, int]], skipped: int) -> dict[str
         "counts": {k: len(v) for k, v in groups.items()},
         "tokens": {k: sum(n for _, n in v) for k, v in groups.items()},
         "skipped": skipped,
+        "truncated": truncated,
     }
 
 
-# ---------------------------------------------------------------------------------------- command line
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``uti-peft eval``."""
-    parser = subparsers.add_parser(
-        "eval",
-        help="mean loss per task on tokenized JSONL",
-        description="Mean loss per task (and token-weighted) of a base model, with an adapter if given.",
-    )
-    parser.add_argument("--base", required=True, help="base model: local directory or hub id")
-    parser.add_argument("--adapter", help="adapter directory or hub id; without it the base model is evaluated as is")
-    parser.add_argument(
-        "--token-space",
-        help=f"token space JSON (default: the adapter's own, else {TOKEN_SPACE_NAME} in the base directory)",
-    )
-    add_data_arguments(parser)
-    parser.add_argument("--batch-size", type=positive_int, default=1)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", help="write the report JSON here (atomically) instead of printing it")
-    parser.set_defaults(run=_run_eval)
+# ---------------------------------------------------------------------------------------- the command's pieces
+def load_model(base: str, adapter: str | None, dtype: str, device: str) -> torch.nn.Module:
+    """Base model from a directory or Hub id (in ``dtype``, a name of `DTYPES`), with the adapter when given.
 
-
-def _run_eval(args: argparse.Namespace) -> int:
-    examples = read_jsonl(args.data)
-    model = _load_model(args.base, args.adapter, DTYPES[args.dtype], args.device)
-    token_space = _token_space(args, model)
-    report = evaluate(
-        model,
-        token_space,
-        examples,
-        batch_size=args.batch_size,
-        max_seq_len=args.max_seq_len,
-        truncation_side=args.truncation_side,
-    )
-    text = json.dumps(report, indent=2) + "\n"
-    if args.out:
-        _write_atomically(args.out, text)
-    else:
-        print(text, end="")
-    return 0
-
-
-def _token_space(args: argparse.Namespace, model: torch.nn.Module) -> TokenSpace:
-    """``--token-space``, else the one the adapter was trained with, else the base directory's file."""
-    if args.token_space:
-        return TokenSpace.from_file(args.token_space)
-    if args.adapter:
-        return model.active_peft_config.get_token_space()
-    path = os.path.join(args.base, TOKEN_SPACE_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {TOKEN_SPACE_NAME} in {args.base} and no adapter; pass --token-space")
-    return TokenSpace.from_file(path)
-
-
-def _load_model(base: str, adapter: str | None, dtype: torch.dtype, device: str) -> torch.nn.Module:
-    """Base model from a directory or hub id, wrapped with the adapter when one is given.
-
-    Importing this module already imported the ``uti_peft`` package, which registers the method with
-    peft, so ``PeftModel.from_pretrained`` knows the adapter type.
+    Importing this module imported the ``uti_peft`` package, which registers the method with peft when peft
+    is imported, so ``PeftModel.from_pretrained`` knows the adapter type.
     """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype])
     if adapter:
         from peft import PeftModel
 
@@ -184,7 +131,15 @@ def _load_model(base: str, adapter: str | None, dtype: torch.dtype, device: str)
     return model.to(device)
 
 
-def _write_atomically(path: str, text: str) -> None:
+def summary(report: dict[str, Any], max_seq_len: int) -> str:
+    """One line: examples, tokens, truncated and skipped examples, and the mean loss over all."""
+    return (
+        f"{report['counts'][ALL]} examples, {report['tokens'][ALL]} scored tokens, {report['truncated']} truncated "
+        f"to {max_seq_len} tokens, {report['skipped']} skipped; loss_mean {report['loss_mean'][ALL]:.6f}"
+    )
+
+
+def write_atomically(path: str, text: str) -> None:
     """Temp file in the same directory + ``os.replace``, so a reader never sees half a report."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:

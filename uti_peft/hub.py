@@ -18,7 +18,6 @@ A pushed repo holds exactly what a saved adapter directory holds: ``adapter_conf
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -48,15 +47,15 @@ from .card import (
     render_model_card,
     rows_bytes_of_file,
 )
-from .constants import TOKEN_SPACE_NAME
+from .constants import DEFAULT_COMMIT_MESSAGE, TOKEN_SPACE_NAME
 from .row_extension._compat import set_push_handler
 from .row_extension.config import RowExtensionConfig, find_row_extension_adapter
 from .constants import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
 from .errors import AdapterNotFoundError, RowExtensionError, TokenSpaceError, WrongAdapterTypeError
+from .paths import looks_like_path
 from .token_space import TokenSpace
 
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, TOKEN_SPACE_NAME, CARD_NAME)
-DEFAULT_COMMIT_MESSAGE = "Upload row-extension adapter"
 _MARK = "__uti_peft_hub__"
 
 
@@ -70,6 +69,11 @@ class AdapterFolder:
     rows_bytes: int
     hidden_size: int
     tensors: tuple[str, ...]
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The files a push uploads: `ADAPTER_FILES` and the LoRA adapter's, if any."""
+        return (*ADAPTER_FILES, *_lora_files(self.config))
 
 
 def check_adapter_folder(path: str | os.PathLike) -> AdapterFolder:
@@ -169,7 +173,7 @@ def push_adapter(
     prefix = f"{path_in_repo.strip('/')}/" if path_in_repo.strip("/") else ""
     operations = [
         CommitOperationAdd(path_in_repo=prefix + name, path_or_fileobj=os.path.join(adapter.path, name))
-        for name in (*ADAPTER_FILES, *_lora_files(adapter.config))
+        for name in adapter.files
         if name != CARD_NAME
     ]
     operations.append(CommitOperationAdd(path_in_repo=prefix + CARD_NAME, path_or_fileobj=str(card).encode("utf-8")))
@@ -219,6 +223,24 @@ def push_model(model: Any, repo_id: str, **kwargs: Any) -> CommitInfo:
         return push_adapter(folder, repo_id, path_in_repo=path_in_repo, **kwargs)
 
 
+def use_request_timeout(seconds: Optional[float] = None) -> float:
+    """Bound every request of huggingface_hub's shared HTTP client (``uti-peft`` commands call this).
+
+    huggingface_hub 2.4 times out downloads (``HF_HUB_DOWNLOAD_TIMEOUT``, ``HF_HUB_ETAG_TIMEOUT``) but its
+    shared client has no timeout for the other calls (create the repo, commit, upload), so a push to an
+    endpoint that accepts and never answers hangs forever. This gives that client ``seconds`` (default:
+    ``HF_HUB_DOWNLOAD_TIMEOUT``, 10 s, which huggingface_hub documents as the default for other requests too)
+    per connect/read/write, unless a timeout is already set. huggingface_hub retries a timed-out request
+    once, so a silent endpoint fails a push after about 2.5 x ``seconds``. Returns the timeout in force.
+    """
+    from huggingface_hub import get_session
+
+    session = get_session()
+    if session.timeout.read is None:  # an httpx(2) Timeout: the same class, with a value
+        session.timeout = type(session.timeout)(float(seconds or constants.HF_HUB_DOWNLOAD_TIMEOUT))
+    return session.timeout.read
+
+
 # ---------------------------------------------------------------------- finding an adapter
 def locate_adapter(
     name_or_path: str,
@@ -245,8 +267,10 @@ def locate_adapter(
             f"directory {local!r} has no {CONFIG_NAME}: not a saved PEFT adapter ({_listing(local)})"
             + _subfolder_hint(_local_files(name_or_path), subfolder)
         )
-    if _looks_like_path(name_or_path):
-        raise AdapterNotFoundError(f"no adapter directory {local!r} (it does not exist)")
+    if looks_like_path(name_or_path):
+        raise AdapterNotFoundError(
+            f"no adapter directory {local!r} (it does not exist, and a path is not a Hub repo id)"
+        )
     try:
         return hf_hub_download(
             name_or_path, CONFIG_NAME, subfolder=subfolder, revision=revision, token=token,
@@ -383,8 +407,6 @@ def _subfolder_hint(files: list[str], subfolder: Optional[str]) -> str:
     return f"; adapters found in subfolders {found}: pass subfolder=..."
 
 
-def _looks_like_path(name: str) -> bool:
-    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "")
 
 
 # ---------------------------------------------------------------------- PEFT integration
@@ -393,6 +415,9 @@ def _diagnosed(method, *, check_type: bool):
 
     @functools.wraps(method)
     def wrapper(cls, model_id, *args, **kwargs):
+        if isinstance(model_id, (str, os.PathLike)) and (os.path.isdir(model_id) or looks_like_path(os.fspath(model_id))):
+            # a local directory or a path: say what is wrong now, instead of after the Hub's retries
+            locate_adapter(os.fspath(model_id), subfolder=kwargs.get("subfolder", args[0] if args else None))
         try:
             result = method(cls, model_id, *args, **kwargs)
         except ValueError as exc:
@@ -443,32 +468,3 @@ def install() -> None:
         wrapped = _diagnosed(from_pretrained, check_type=False)
         setattr(wrapped, _MARK, from_pretrained)
         PeftConfigMixin.from_pretrained = classmethod(wrapped)
-
-
-# ---------------------------------------------------------------------- CLI
-def _run_push(args: argparse.Namespace) -> int:
-    info = push_adapter(
-        args.adapter_dir,
-        args.repo_id,
-        private=True if args.private else None,
-        revision=args.revision,
-        commit_message=args.commit_message,
-    )
-    print(f"pushed {', '.join(ADAPTER_FILES)} to {info.repo_url.repo_id if info.repo_url else args.repo_id}"
-          f"{'@' + args.revision if args.revision else ''}: {info.commit_url}")
-    return 0
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "push",
-        help="upload a saved adapter directory to the Hugging Face Hub",
-        description="Upload ADAPTER_DIR's adapter_config.json, adapter_model.safetensors, token_space.json and "
-        "README.md (the model card; rendered if the directory has none of ours) in one commit.",
-    )
-    parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="directory written by save_pretrained")
-    parser.add_argument("repo_id", metavar="REPO_ID", help="target repo, e.g. org/name (created if missing)")
-    parser.add_argument("--private", action="store_true", help="create the repo private (if it does not exist)")
-    parser.add_argument("--revision", help="branch to commit to (created from main if missing)")
-    parser.add_argument("--commit-message", help=f"commit message (default: {DEFAULT_COMMIT_MESSAGE!r})")
-    parser.set_defaults(run=_run_push)

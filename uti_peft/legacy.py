@@ -15,12 +15,12 @@ the end): on any error nothing is left behind.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import hashlib
 import json
 import os
 import pickle
+import re
 import struct
 import threading
 import warnings
@@ -35,16 +35,23 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .card import CARD_NAME, file_sha256
-from .constants import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, TOKEN_SPACE_NAME, WEIGHTS_NAME
+from .constants import (
+    DTYPE_NAMES,
+    EXPORT_MARKER_NAME,
+    INPUT_ROWS_KEY,
+    LEGACY_JSON_NAME,
+    LEGACY_PT_NAME,
+    OUTPUT_ROWS_KEY,
+    TOKEN_SPACE_NAME,
+    WEIGHTS_NAME,
+)
 from .errors import LegacyCheckpointError
 from .output import atomic_output, check_target
 from .row_extension.config import RowExtensionConfig
 from .row_extension.lora import LORA_ADAPTER_NAME, read_legacy_lora, write_lora
 from .token_space import TokenSpace, is_plain_int
 
-LEGACY_PT_NAME = "trainable_rows.pt"
-LEGACY_JSON_NAME = "trainable_rows.json"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 PT_FIELDS = ("row_start", "row_end", "base_llm", "embeddings", "lm_head", "dtype")
 _ZIP_MAGIC = b"PK\x03\x04"
 _CHUNK = 1 << 22  # 4 MiB
@@ -95,14 +102,16 @@ def _load_weights_only(pt_path: str) -> Any:
     try:
         return torch.load(pt_path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as exc:
-        detail = _unpickler_detail(exc)
-        if "global" in detail.lower():
+        code = _pickled_code(exc)
+        if code:
             raise LegacyCheckpointError(
-                f"{pt_path}: refused: the file needs more than tensors and plain values to load (it references "
-                f"code: {detail}). Loading it would execute pickled code, which uti-peft never does; re-save the "
-                f"rows as plain tensors from a trusted environment"
+                f"{pt_path}: refused: the file asks to run `{code}`; uti-peft never executes pickled code. "
+                "A trainable_rows.pt holds tensors and plain values only: re-save the rows as such"
             ) from None
-        raise LegacyCheckpointError(f"{pt_path}: cannot be read safely, truncated or corrupt ({detail})") from None
+        raise LegacyCheckpointError(
+            f"{pt_path}: cannot be read: the pickle is truncated, corrupt or holds more than tensors and plain values "
+            f"({_unpickler_detail(exc)})"
+        ) from None
     except Exception as exc:  # truncated zip, short file, garbage: torch raises many different types
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LegacyCheckpointError(
@@ -110,11 +119,24 @@ def _load_weights_only(pt_path: str) -> Any:
         ) from None
 
 
+_GLOBAL = re.compile(r"GLOBAL\s+([\w.]+)")
+
+
+def _pickled_code(exc: Exception) -> Optional[str]:
+    """The callable a refused pickle names (``posix.system``, ``builtins.exec``), if it names one."""
+    match = _GLOBAL.search(str(exc))
+    return match.group(1) if match else None
+
+
 def _unpickler_detail(exc: Exception) -> str:
-    for line in str(exc).splitlines():
+    """torch's reason, without its advice to load with ``weights_only=False`` (which would run the code)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
         if "WeightsUnpickler error:" in line:
             return line.split("WeightsUnpickler error:", 1)[1].strip()
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    reasons = [line for line in lines if "weights_only" not in line and "Weights only load failed" not in line
+               and "documentation" not in line]
+    return reasons[0] if reasons else type(exc).__name__
 
 
 def _read_json(path: str, what: str) -> dict[str, Any]:
@@ -397,7 +419,7 @@ def convert_legacy(
 
         lora = None
         if lora_dir is not None:
-            lora = read_legacy_lora(os.fspath(lora_dir), list(rows.values()), space.text_vocab_size)
+            lora = read_legacy_lora(os.fspath(lora_dir), rows, space.text_vocab_size)
         config = RowExtensionConfig(
             token_space=space,
             base_model_name_or_path=base_model or ckpt.base_llm,
@@ -689,10 +711,14 @@ def export_legacy(
     adapter_dir: PathLike, output_dir: PathLike, *, overwrite: bool = False, progress: Optional[bool] = None
 ) -> str:
     """Write a row-extension adapter back as a legacy checkpoint directory: ``trainable_rows.pt``,
-    ``trainable_rows.json`` and ``token_space.json``, with byte-identical tensors. Returns its path."""
+    ``trainable_rows.json`` and ``token_space.json``, with byte-identical tensors. Returns its path.
+
+    The directory also gets a small marker file (``.uti-peft-export.json``, naming the source adapter):
+    ``overwrite=True`` replaces only a directory holding it (an earlier export), never an original checkpoint
+    our users' trainer wrote."""
     source = os.path.normpath(os.fspath(adapter_dir))
     target = os.path.abspath(os.fspath(output_dir))
-    _check_target(target, overwrite, LEGACY_PT_NAME, (source,))
+    _check_target(target, overwrite, EXPORT_MARKER_NAME, (source,))
     config, space, rows = read_adapter(source)
     base_llm = config.base_model_name_or_path or space.base_text_model
     if not base_llm:
@@ -710,7 +736,7 @@ def export_legacy(
         "dtype": str(embeddings.dtype),
     }
     meta = {k: payload[k] for k in ("row_start", "row_end", "base_llm")} | {"has_lm_head": lm_head is not None}
-    with _atomic_output(target, overwrite=overwrite, marker=LEGACY_PT_NAME, protected=(source,)) as tmp:
+    with _atomic_output(target, overwrite=overwrite, marker=EXPORT_MARKER_NAME, protected=(source,)) as tmp:
         pt_path = os.path.join(tmp, LEGACY_PT_NAME)
         rows_bytes = sum(t.numel() * t.element_size() for t in rows.values())
         with _bar(rows_bytes, f"writing {LEGACY_PT_NAME}", progress) as bar:
@@ -723,6 +749,8 @@ def export_legacy(
         with open(os.path.join(tmp, LEGACY_JSON_NAME), "w", encoding="utf-8") as f:
             f.write(json.dumps(meta, indent=2) + "\n")
         space.save(os.path.join(tmp, TOKEN_SPACE_NAME))
+        with open(os.path.join(tmp, EXPORT_MARKER_NAME), "w", encoding="utf-8") as f:
+            f.write(json.dumps({"written_by": "uti-peft export-legacy", "source_adapter": source}, indent=2) + "\n")
     return target
 
 
@@ -837,84 +865,3 @@ def _inspect_adapter(adapter_dir: str) -> dict[str, Any]:
         **_space_facts(space),
         "problems": problems,
     }
-
-
-# ---------------------------------------------------------------------------------------- CLI
-def _run_convert(args: argparse.Namespace) -> int:
-    out = convert_legacy(
-        args.checkpoint_dir,
-        args.output,
-        token_space=args.token_space,
-        base_model=args.base_model,
-        dtype=args.dtype,
-        eval_report=args.eval_report,
-        overwrite=args.overwrite,
-        allow_nonfinite=args.allow_nonfinite,
-        lora_dir=args.lora,
-    )
-    info = _inspect_adapter(out)
-    print(f"wrote {out}: {info['new_rows']} new rows x {info['hidden_size']} ({info['dtype']}), "
-          f"ids {info['row_range']}, base {info['base_model']}")
-    if not info["lm_head_rows"]:
-        print("note: the checkpoint has no lm_head rows, so neither has the adapter: on a tied base the head shares "
-              "the input rows; on an untied base the head's new rows are set to the mean of its text rows (with a "
-              "warning when loading)")
-    return 0
-
-
-def _run_export(args: argparse.Namespace) -> int:
-    out = export_legacy(args.adapter_dir, args.output, overwrite=args.overwrite)
-    print(f"wrote {out}: {LEGACY_PT_NAME}, {LEGACY_JSON_NAME}, {TOKEN_SPACE_NAME}")
-    return 0
-
-
-def _run_inspect(args: argparse.Namespace) -> int:
-    info = inspect_checkpoint(args.path, token_space=args.token_space)
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    for key, value in info.items():
-        if key == "problems":
-            continue
-        if isinstance(value, dict):
-            value = ", ".join(f"{k} {v}" for k, v in value.items())
-        elif isinstance(value, list):
-            value = ", ".join(map(str, value)) or "-"
-        print(f"{key:20s} {value}")
-    for problem in info["problems"]:
-        print(f"problem: {problem}")
-    return 0
-
-
-def add_cli(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    convert = subparsers.add_parser("convert-legacy", help="convert a trainable_rows.pt checkpoint into a PEFT adapter")
-    convert.add_argument("checkpoint_dir", metavar="CHECKPOINT_DIR", help=f"directory holding {LEGACY_PT_NAME}")
-    convert.add_argument("-o", "--output", required=True, metavar="OUTPUT_DIR", help="adapter directory to create")
-    convert.add_argument(
-        "--token-space", metavar="PATH", help=f"token space JSON (default: {TOKEN_SPACE_NAME} in the checkpoint)"
-    )
-    convert.add_argument(
-        "--base-model", metavar="ID", help="base model id for the adapter (default: the checkpoint's base_llm)"
-    )
-    convert.add_argument("--dtype", choices=["keep", *DTYPES], default="keep", help="dtype of the stored rows")
-    convert.add_argument("--eval-report", metavar="PATH", help="eval JSON (loss_mean, counts) for the model card")
-    convert.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    convert.add_argument("--allow-nonfinite", action="store_true", help="convert rows holding NaN/Inf")
-    convert.add_argument(
-        "--lora", metavar="LORA_DIR", help="Stage-4 PEFT LoRA directory trained on the resized model: stored as lora/"
-    )
-    convert.set_defaults(run=_run_convert)
-
-    export = subparsers.add_parser(
-        "export-legacy", help="write an adapter back as trainable_rows.pt/.json + token space"
-    )
-    export.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="row-extension adapter directory")
-    export.add_argument("-o", "--output", required=True, metavar="CHECKPOINT_DIR", help="legacy directory to create")
-    export.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    export.set_defaults(run=_run_export)
-
-    inspect = subparsers.add_parser("inspect", help="show what a legacy checkpoint or an adapter holds (no model load)")
-    inspect.add_argument("path", metavar="PATH", help="legacy checkpoint directory / .pt, or adapter directory")
-    inspect.add_argument("--token-space", metavar="PATH", help="token space for a legacy checkpoint without one")
-    inspect.add_argument("--json", action="store_true", help="print JSON")
-    inspect.set_defaults(run=_run_inspect)

@@ -20,7 +20,6 @@ Everything is checked before the first byte is written, and the output appears a
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import os
@@ -43,9 +42,10 @@ from transformers.utils import logging as hf_logging
 from .card import _version, file_sha256, read_safetensors_header, render_merged_card
 from .constants import CARD_NAME, INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, TOKEN_SPACE_NAME, WEIGHTS_NAME
 from .errors import MergeError
-from .hub import AdapterFolder, _looks_like_path, check_adapter_folder, explain_hub_error
+from .hub import AdapterFolder, check_adapter_folder, explain_hub_error
 from .legacy import _SAFETENSORS_DTYPES, DTYPES
 from .output import atomic_output, copy_range, write_all
+from .paths import looks_like_path
 from .row_extension.layer import mean_rows
 from .row_extension.lora import SavedLora, merge_lora_weight, read_saved_lora
 from .tokenizer import add_modality_tokens
@@ -111,7 +111,7 @@ def resolve_dir(name_or_path: PathLike, what: str, allow_patterns: Optional[list
         if not os.path.isdir(name):
             raise MergeError(f"{what} {name!r} is not a directory")
         return name
-    if _looks_like_path(name):
+    if looks_like_path(name):
         raise MergeError(f"{what} directory {name!r} does not exist")
     try:
         return snapshot_download(name, allow_patterns=allow_patterns)
@@ -457,30 +457,3 @@ def _provenance(plan: MergePlan) -> dict[str, Any]:
         "pad_token_id": config.pad_token_id,
         "dtype": str(plan.config.dtype).removeprefix("torch."),
     }
-
-
-# ---------------------------------------------------------------------- CLI
-def _run(args: argparse.Namespace) -> int:
-    out = merge_adapter(args.base, args.adapter, args.output, dtype=args.dtype, tokenizer=args.tokenizer,
-                        max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                        progress=False if args.no_progress else None)
-    print(f"merged {args.adapter} into {args.base}: {out}")
-    return 0
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "merge", help="merge an adapter into its base: a standalone checkpoint any engine loads",
-        description="Stream BASE's safetensors into OUT with ADAPTER's rows (and LoRA) merged, plus config, "
-        "generation config, the tokenizer extended with every modality token, token_space.json and a model card.",
-    )
-    parser.add_argument("base", metavar="BASE", help="base model directory or Hub id (safetensors)")
-    parser.add_argument("adapter", metavar="ADAPTER", help="row-extension adapter directory or Hub id")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory (written atomically)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of every floating tensor (default: the base's)")
-    parser.add_argument("--tokenizer", metavar="DIR_OR_ID", help="text tokenizer (default: the base's own)")
-    parser.add_argument("--max-shard-size", default=None,
-                        help=f"largest shard, e.g. 5GB (default: transformers' {default_max_shard_size()})")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it is an earlier merge output")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(run=_run)

@@ -29,15 +29,13 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
 from .constants import TOKEN_SPACE_NAME
-from .row_extension.config import HEAD_ROW_MODES, INIT_STRATEGIES, RowExtensionConfig, find_row_extension_adapter
+from .row_extension.config import RowExtensionConfig, find_row_extension_adapter
 from .row_extension.lora import add_lora
 from .data import (
     TASK_INDEX_KEY,
     PaddingCollator,
     PreparedExample,
-    add_data_arguments,
     check_window,
-    positive_int,
     prepare,
     read_jsonl,
     scored_token_losses,
@@ -67,7 +65,6 @@ PARAMETER_GROUPS = {
     "head_rows": "row_extension_output_rows",
     "lora": "lora_",
 }
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -378,94 +375,3 @@ def _build_trainer(args: argparse.Namespace) -> tuple[RowExtensionTrainer, list[
         learning_rates=learning_rates(args),
     )
     return trainer, examples
-
-
-# ---------------------------------------------------------------------------------------- command line
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``uti-peft train`` / ``scripts/train.py``."""
-    model = parser.add_argument_group("model")
-    source = model.add_mutually_exclusive_group(required=True)
-    source.add_argument("--base", help="base causal LM: local directory or hub id")
-    source.add_argument(
-        "--tiny", nargs="?", const="untied", choices=("untied", "tied"),
-        help="use the tiny local Qwen3 and token space instead (no download); 'tied' ties its embeddings",
-    )
-    model.add_argument("--token-space", help=f"token space JSON (default: {TOKEN_SPACE_NAME} in --base, or the tiny one)")
-    model.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype the base is loaded in")
-    model.add_argument("--init-adapter", help="start from this saved row-extension adapter (and its LoRA, if any)")
-    model.add_argument("--init-rows", choices=INIT_STRATEGIES, default="mean_noise", help="how new rows start")
-    model.add_argument("--init-noise-factor", type=float, default=0.02)
-    model.add_argument("--head-rows", choices=HEAD_ROW_MODES, default="trained",
-                       help="'mean': no trained head rows (the head's new rows are the mean of its text rows)")
-    lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--lora-r", type=int, default=0, help="LoRA rank; 0 (default) trains rows only")
-    lora.add_argument("--lora-alpha", type=int, default=16)
-    lora.add_argument("--lora-dropout", type=float, default=0.05)
-    lora.add_argument("--lora-targets", type=_names, default=LORA_TARGETS, help="comma-separated module names")
-
-    data = parser.add_argument_group("data")
-    add_data_arguments(data)
-
-    opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--output-dir", required=True, help="final adapter and checkpoint-<step> directories")
-    opt.add_argument("--batch-size", type=positive_int, default=1, help="examples per process per micro-batch")
-    opt.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
-    opt.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; -1: --epochs decides")
-    opt.add_argument("--epochs", type=float, default=1.0)
-    opt.add_argument("--learning-rate", type=float, default=1e-4)
-    opt.add_argument("--input-rows-lr", type=float, help="learning rate of the input-embedding rows")
-    opt.add_argument("--head-rows-lr", type=float, help="learning rate of the lm_head rows (untied bases)")
-    opt.add_argument("--lora-lr", type=float, help="learning rate of the LoRA weights")
-    opt.add_argument("--weight-decay", type=float, default=0.0)
-    opt.add_argument("--lr-scheduler-type", default="linear")
-    opt.add_argument("--warmup-steps", type=float, default=0)
-    opt.add_argument("--max-grad-norm", type=float, default=1.0)
-    opt.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
-    opt.add_argument("--gradient-checkpointing", action="store_true")
-    opt.add_argument("--seed", type=int, default=0)
-
-    run = parser.add_argument_group("run")
-    run.add_argument("--logging-steps", type=float, default=10)
-    run.add_argument("--save-steps", type=_non_negative_int, default=500, help="checkpoint every N steps; 0: final adapter only")
-    run.add_argument("--save-total-limit", type=int, help="keep at most this many checkpoints")
-    run.add_argument("--resume-from-checkpoint",
-                     help="a checkpoint-<step> directory of a uti-peft train run, or 'latest' in --output-dir")
-    run.add_argument("--overwrite-output-dir", action="store_true",
-                     help="write into a non-empty --output-dir (never a legacy checkpoint or an adapter we did not create)")
-    run.add_argument("--cpu", action="store_true", help="train on the CPU even if an accelerator is present")
-    run.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
-    run.add_argument("--report-to", default="none", help="Trainer integrations (tensorboard, wandb, ...)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--rank-state-dir", help="also write each process's trained parameters (for checks)")
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _names(text: str) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    if not names:
-        raise argparse.ArgumentTypeError("expected comma-separated module names")
-    return names
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``uti-peft train``."""
-    parser = subparsers.add_parser(
-        "train",
-        help="train a row-extension adapter (optionally with LoRA) on tokenized JSONL",
-        description="Train a row-extension adapter with transformers' Trainer; run it under `accelerate launch` "
-        "for data-parallel training.",
-    )
-    add_arguments(parser)
-    parser.set_defaults(run=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    train(args)
-    return 0
-

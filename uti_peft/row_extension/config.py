@@ -13,15 +13,13 @@ from typing import Any, Callable, Mapping, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from ..constants import TOKEN_SPACE_NAME
+from ..constants import HEAD_ROW_MODES, INIT_STRATEGIES, TOKEN_SPACE_NAME
 from ..errors import TokenSpaceError, WrongAdapterTypeError
 from ..token_space import TokenSpace
 
-INIT_STRATEGIES = ("mean_noise", "mean")
 # Called as ``hook(directory, config)`` after a config is saved beside its rows; layers above the PEFT method (the
 # model card) register here, so the method itself depends on none of them.
 AFTER_SAVE: list[Callable[[str, "RowExtensionConfig"], None]] = []
-HEAD_ROW_MODES = ("trained", "mean")
 
 
 def check_lora_adapter_name(name: str) -> None:

@@ -29,10 +29,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import RowExtensionConfig, check_lora_adapter_name, find_row_extension_adapter
-from ..constants import PEFT_KEY_PREFIX
+from ..constants import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, PEFT_KEY_PREFIX
 from ..errors import RowExtensionError
 
 LORA_ADAPTER_NAME = "lora"
+# of peft's EMBEDDING_LAYER_NAMES (the modules save_embedding_layers writes whole), the output one
+_HEAD_MODULE_NAMES = ("lm_head",)
 
 
 def add_lora(
@@ -156,12 +158,17 @@ def _in_modules_to_save(modules_to_save: Optional[list[str]], name: str) -> bool
 
 
 # ---------------------------------------------------------------------- legacy Stage-4 LoRA directories
-def read_legacy_lora(lora_dir: str, new_rows: list[torch.Tensor], text_vocab_size: int) -> tuple[LoraConfig, dict]:
+def read_legacy_lora(
+    lora_dir: str, new_rows: dict[str, torch.Tensor], text_vocab_size: int
+) -> tuple[LoraConfig, dict]:
     """Read a PEFT LoRA directory that the legacy recipe trained on the resized model, for conversion.
 
-    Full embedding / lm_head matrices that PEFT's ``save_embedding_layers`` may have written beside the LoRA
-    are dropped after checking that their new rows equal the checkpoint's rows bit for bit (the text rows
-    were frozen, so they are the base's); any other tensor that is not a LoRA weight is refused.
+    ``new_rows`` are the checkpoint's rows by on-disk key (`INPUT_ROWS_KEY`, and `OUTPUT_ROWS_KEY` unless the
+    head is tied). Full embedding / lm_head matrices that PEFT's ``save_embedding_layers`` may have written
+    beside the LoRA are dropped after checking that their new rows equal the checkpoint's rows *of the same
+    role* bit for bit (an lm_head matrix against the head rows, an embedding against the input rows; the text
+    rows were frozen, so they are the base's); swapped blocks, and any other tensor that is not a LoRA weight,
+    are refused.
     """
     where = os.path.join(lora_dir, CONFIG_NAME)
     if not os.path.isfile(where):
@@ -175,11 +182,16 @@ def read_legacy_lora(lora_dir: str, new_rows: list[torch.Tensor], text_vocab_siz
         raise RowExtensionError(f"{lora_dir}: cannot read the LoRA weights ({exc})") from exc
     for key in [k for k in weights if ".lora_" not in k]:
         tensor = weights.pop(key)
+        head = key.rsplit(".", 2)[-2] in _HEAD_MODULE_NAMES
+        role, expected = (OUTPUT_ROWS_KEY, "lm_head") if head and OUTPUT_ROWS_KEY in new_rows else (INPUT_ROWS_KEY,
+                                                                                                     "embeddings")
+        rows = new_rows[role]
         tail = tensor[text_vocab_size:] if tensor.dim() == 2 else None
-        if tail is None or not any(tail.shape == r.shape and torch.equal(tail, r.to(tail.dtype)) for r in new_rows):
+        if tail is None or tail.shape != rows.shape or not torch.equal(tail, rows.to(tail.dtype)):
             raise RowExtensionError(
-                f"{lora_dir}: {key} {list(tensor.shape)} is not a LoRA weight, nor a full embedding matrix whose rows "
-                f"{text_vocab_size}.. equal the checkpoint's new rows"
+                f"{lora_dir}: {key} {list(tensor.shape)} is not a LoRA weight, nor a full "
+                f"{'lm_head' if head else 'embedding'} matrix whose rows {text_vocab_size}.. equal the checkpoint's "
+                f"{expected} rows"
             )
     if not weights or any(not k.startswith(PEFT_KEY_PREFIX) for k in weights):
         raise RowExtensionError(f"{lora_dir}: expected LoRA weights saved by PeftModel.save_pretrained, found {sorted(weights)[:5]}")

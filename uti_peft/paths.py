@@ -1,0 +1,44 @@
+"""Local path or Hub repo id? Decided without touching the network (no torch, transformers or peft either).
+
+A value naming an existing local directory is used as such and never sent to the Hub; a value that cannot
+be a Hub repo id (``./x``, ``/abs/x``, ``~/x``, ``a/b/c``, a Windows path) and does not exist fails at once,
+instead of after the Hub's retries.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` is written as a filesystem path, which a Hub repo id (``name`` or ``org/name``) never is."""
+    return (
+        os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "")
+    )
+
+
+def hub_repo_id(value: str, option: str) -> str:
+    """``value`` if it is a valid Hub repo id, else ValueError naming ``option`` and huggingface_hub's reason."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError as exc:
+        raise ValueError(f"{option} {value!r} is not a valid Hub repo id ({' '.join(str(exc).split())})") from None
+    return value
+
+
+def model_source(value: str, option: str) -> str:
+    """``value`` if it is a local directory or a valid Hub repo id; otherwise fail now, saying it is neither."""
+    if os.path.isdir(value):
+        return value
+    if os.path.exists(value):
+        raise ValueError(f"{option} {value!r} is a file; expected a directory or a Hub repo id")
+    if looks_like_path(value):
+        raise FileNotFoundError(f"{option} {value!r}: no such directory (and a path is not a Hub repo id)")
+    try:
+        return hub_repo_id(value, option)
+    except ValueError:
+        raise FileNotFoundError(
+            f"{option} {value!r} is neither an existing directory nor a valid Hub repo id (org/name)"
+        ) from None
