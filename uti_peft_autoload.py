@@ -1,59 +1,90 @@
-"""Registers uti-peft with PEFT the first time peft is imported, in every interpreter of an environment where
-uti-peft is installed, so scripts and tools that never ``import uti_peft`` (a notebook, lm-evaluation-harness's
-``peft=``, a TRL or accelerate script) load row-extension adapters too.
+"""Registers uti-peft with PEFT and transformers when they are first used — the one import hook of uti-peft.
 
-``uti_peft.pth`` (installed in site-packages) imports this module at start-up. It imports nothing but ``os`` and
-``sys`` and only watches two imports:
+It serves two callers and imports nothing but the standard library:
 
-* when ``peft`` has been imported, it imports ``uti_peft``, which registers the ROW_EXTENSION method (so
-  ``PeftModel.from_pretrained`` and ``AutoPeftModelForCausalLM`` work);
-* when transformers' adapter integration has been imported (``AutoModelForCausalLM.from_pretrained(adapter)``
-  and ``pipeline`` import peft only inside ``load_adapter``), its ``load_adapter`` first imports ``uti_peft``.
+* ``uti_peft.pth`` (installed in site-packages) calls `install` at interpreter start-up, so scripts and tools
+  that never ``import uti_peft`` (a notebook, lm-evaluation-harness's ``peft=``, a TRL or accelerate script)
+  load row-extension adapters too. ``UTI_PEFT_AUTOLOAD=0`` turns this off.
+* ``import uti_peft`` calls `install` too: the package imports neither torch, transformers nor peft itself
+  (``uti-peft --help`` stays fast), and registration still happens before PEFT can load an adapter.
 
-``UTI_PEFT_AUTOLOAD=0`` turns it off.
+What it watches:
+
+* when ``peft`` has been imported, `register` runs (the method, the model-card writer, the Hub integration) —
+  at once if peft is already imported;
+* when transformers' adapter integration has been imported, its ``load_adapter`` first runs `register`
+  (``AutoModelForCausalLM.from_pretrained(adapter)`` and ``pipeline`` import peft only inside it), so a program
+  that uses transformers without adapters never pays for importing peft;
+* registration waits until no import of a ``uti_peft`` module is still running in this thread: a module of
+  ours that imports peft is half-initialised until its own import ends.
 """
 
 import os
 import sys
+import threading
 
 # = uti_peft.constants.AUTOLOAD_ORIGINAL_ATTRIBUTE, written out: importing uti_peft is what this module defers
 ORIGINAL_ATTRIBUTE = "__uti_peft_autoload_original__"
+_TRANSFORMERS_ADAPTERS = "transformers.integrations.peft"
+
+_state = threading.local()  # .depth: imports of uti_peft modules running in this thread
+_lock = threading.RLock()
+_registered = False
 
 
-def _import_uti_peft(_module=None) -> None:
-    try:
-        import uti_peft  # noqa: F401  (registers the method on import)
-    except Exception as exc:  # never break the import that triggered it
-        import warnings
+def register() -> None:
+    """Register the ROW_EXTENSION method and its integrations (once; what ``import uti_peft`` promises)."""
+    global _registered
+    with _lock:
+        if _registered:
+            return
+        _registered = True  # first: the imports below come back through the finder
+        try:
+            from uti_peft import card, row_extension  # noqa: F401  (the method registers; card adds its writer)
+            from uti_peft import hub
 
-        warnings.warn(f"uti-peft could not register with PEFT: {exc!r}", stacklevel=2)
+            hub.install()
+        except BaseException:
+            _registered = False
+            raise
 
 
-def _load_adapter_imports_uti_peft_first(module) -> None:
+def _peft_imported() -> bool:
+    """peft is imported and its import has finished (transformers, which peft imports, comes back here first)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and not getattr(getattr(peft, "__spec__", None), "_initializing", False)
+
+
+def _register_when_ready(peft_just_executed: bool = False) -> None:
+    if not _registered and not getattr(_state, "depth", 0) and (peft_just_executed or _peft_imported()):
+        register()
+
+
+def _load_adapter_registers_first(module) -> None:
     mixin = module.PeftAdapterMixin
     original = mixin.__dict__["load_adapter"]
-    if "uti_peft" in sys.modules or hasattr(original, ORIGINAL_ATTRIBUTE):
+    if _registered or hasattr(original, ORIGINAL_ATTRIBUTE):
         return
 
     def load_adapter(self, *args, **kwargs):
         mixin.load_adapter = original
-        _import_uti_peft()  # replaces mixin.load_adapter with uti-peft's, which wraps ``original``
+        register()  # replaces mixin.load_adapter with uti-peft's, which wraps ``original``
         return mixin.load_adapter(self, *args, **kwargs)
 
     setattr(load_adapter, ORIGINAL_ATTRIBUTE, original)
     mixin.load_adapter = load_adapter
 
 
-_AFTER_IMPORT = {"peft": _import_uti_peft, "transformers.integrations.peft": _load_adapter_imports_uti_peft_first}
+def _ours(name: str) -> bool:
+    return name == "uti_peft" or name.startswith("uti_peft.")
 
 
 class _AfterImport:
-    """A meta-path finder that finds nothing itself: it lets the others find a watched module and runs the
-    module's hook once the module has executed."""
+    """A meta-path finder that finds nothing itself: it lets the others find a watched module and wraps the loader
+    so that, once the module has executed, its hook runs."""
 
     def find_spec(self, fullname, path=None, target=None):
-        hook = _AFTER_IMPORT.get(fullname)
-        if hook is None:
+        if fullname not in ("peft", _TRANSFORMERS_ADAPTERS) and not _ours(fullname):
             return None
         for finder in sys.meta_path:
             find_spec = getattr(finder, "find_spec", None) if finder is not self else None
@@ -62,27 +93,36 @@ class _AfterImport:
                 break
         else:
             return None
-        loader = spec.loader
-        if loader is None or not hasattr(loader, "exec_module"):
-            return spec
-        exec_module = loader.exec_module
-
-        def exec_then_hook(module):
-            exec_module(module)
-            hook(module)
-
-        loader.exec_module = exec_then_hook
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader.exec_module = _then_hook(fullname, spec.loader.exec_module)  # this loader serves this spec
         return spec
 
 
-def install() -> None:
-    """Watch for peft and transformers' adapter integration (once per interpreter; honours UTI_PEFT_AUTOLOAD)."""
-    if os.environ.get("UTI_PEFT_AUTOLOAD", "1").strip().lower() in ("0", "false", "no", "off"):
+def _then_hook(name: str, exec_module):
+    def exec_then_hook(module) -> None:
+        ours = _ours(name)
+        if ours:
+            _state.depth = getattr(_state, "depth", 0) + 1
+        try:
+            exec_module(module)
+        finally:
+            if ours:
+                _state.depth -= 1
+        if name == _TRANSFORMERS_ADAPTERS:
+            _load_adapter_registers_first(module)
+        _register_when_ready(peft_just_executed=name == "peft")
+
+    return exec_then_hook
+
+
+def install(*, from_pth: bool = False) -> None:
+    """Watch for peft and transformers' adapter integration (once per interpreter), registering at once if peft
+    is already imported. From ``uti_peft.pth`` it honours ``UTI_PEFT_AUTOLOAD=0``."""
+    if from_pth and os.environ.get("UTI_PEFT_AUTOLOAD", "1").strip().lower() in ("0", "false", "no", "off"):
         return
-    if any(isinstance(finder, _AfterImport) for finder in sys.meta_path):
-        return
-    if "peft" in sys.modules:
-        _import_uti_peft()
-    elif "transformers.integrations.peft" in sys.modules:
-        _load_adapter_imports_uti_peft_first(sys.modules["transformers.integrations.peft"])
-    sys.meta_path.insert(0, _AfterImport())
+    with _lock:
+        if not any(isinstance(finder, _AfterImport) for finder in sys.meta_path):
+            sys.meta_path.insert(0, _AfterImport())
+    if _TRANSFORMERS_ADAPTERS in sys.modules:
+        _load_adapter_registers_first(sys.modules[_TRANSFORMERS_ADAPTERS])
+    _register_when_ready()

@@ -19,9 +19,9 @@ LAYERS: list[tuple[str, set[str]]] = [
         "uti_peft.generation", "uti_peft.tokenizer", "uti_peft.training", "uti_peft.distributed",
         "uti_peft.output_dir", "uti_peft.demo", "uti_peft.merge",
     }),
+    ("the import hook, which registers the method when peft is first used", {"uti_peft_autoload"}),
     ("command line", {"uti_peft.cli"}),
-    ("the package's public names and their registration", {"uti_peft"}),
-    ("the start-up hook, which imports the package when peft is first used", {"uti_peft_autoload"}),
+    ("the package's public names", {"uti_peft"}),
 ]
 
 

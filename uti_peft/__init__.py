@@ -1,13 +1,13 @@
 """uti-peft: vocabulary-extension adapters (new token rows) as a PEFT method.
 
 ``import uti_peft`` registers the ``ROW_EXTENSION`` method with PEFT, after which
-``PeftModel.from_pretrained(base, adapter)`` resizes the base and patches the new rows in. (An installed
-uti-peft also registers itself the first time peft is imported; see `uti_peft_autoload`.)
+``PeftModel.from_pretrained(base, adapter)`` resizes the base and patches the new rows in.
 
-The registration (the method, the model-card writer, the Hub integration) happens when PEFT or transformers is
-imported — at once if one already is; see `uti_peft.import_hook` — and the public names below are imported on
-first use, so that ``import uti_peft`` (and the ``uti-peft`` command line, whose modules live here) does not
-import torch, transformers or peft by itself.
+The registration (the method, the model-card writer, the Hub integration) happens when peft is imported, or
+transformers loads an adapter — at once if peft already is; see `uti_peft_autoload`, which an installed uti-peft
+also runs at interpreter start-up — and the public names below are imported on first use, so that
+``import uti_peft`` (and the ``uti-peft`` command line, whose modules live here) imports no torch, transformers
+or peft by itself.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import importlib
 from importlib import metadata
 from typing import Any
 
-from . import import_hook
+import uti_peft_autoload
 
 try:
     __version__ = metadata.version("uti-peft")
@@ -59,4 +59,4 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_PUBLIC})
 
 
-import_hook.install()
+uti_peft_autoload.install()

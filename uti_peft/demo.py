@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from peft import PeftModel, get_peft_model
 
+from .constants import TOKEN_SPACE_NAME
 from .row_extension.config import RowExtensionConfig
 from .tiny import build_tiny_qwen3, tiny_token_space
 
@@ -24,9 +25,11 @@ BASE_ROWS = 1024  # > text_vocab_size, like Qwen3's padded embedding
 def run_demo(workdir: Optional[str] = None, *, steps: int = 3, seed: int = 0) -> dict[str, object]:
     """Run the demo and return what it checked (also printed by the CLI).
 
-    The adapter is written to ``workdir/adapter`` and kept; without ``workdir`` it goes to a temporary
-    directory that is removed before returning (``adapter_dir`` is then None). ``steps`` may be 0: the rows
-    keep their initial values and everything else is checked the same way.
+    With ``workdir``, the tiny base (with its ``token_space.json``) is saved in ``workdir/base`` and the adapter in
+    ``workdir/adapter``, recording that base, and both are kept: the other commands (``train --base``, ``eval``,
+    ``merge``) and ``AutoModelForCausalLM.from_pretrained(workdir/adapter)`` can use them offline. Without it
+    everything goes to a temporary directory that is removed before returning (``adapter_dir`` is then None).
+    ``steps`` may be 0: the rows keep their initial values and everything else is checked the same way.
     """
     if steps < 0:
         raise ValueError(f"steps must be 0 or more, got {steps}")
@@ -35,15 +38,21 @@ def run_demo(workdir: Optional[str] = None, *, steps: int = 3, seed: int = 0) ->
             root = stack.enter_context(tempfile.TemporaryDirectory(prefix="uti-peft-demo-"))
         else:
             root = workdir
-        report = _life_cycle(os.path.join(root, "adapter"), steps, seed)
+        base_dir = None if workdir is None else os.path.abspath(os.path.join(root, "base"))
+        report = _life_cycle(os.path.join(root, "adapter"), steps, seed, base_dir)
         if workdir is None:
             report["adapter_dir"] = None
     return report
 
 
-def _life_cycle(adapter_dir: str, steps: int, seed: int) -> dict[str, object]:
+def _life_cycle(adapter_dir: str, steps: int, seed: int, base_dir: Optional[str]) -> dict[str, object]:
     space = tiny_token_space()
-    model = get_peft_model(build_tiny_qwen3(vocab_rows=BASE_ROWS, seed=seed), RowExtensionConfig(token_space=space))
+    base = build_tiny_qwen3(vocab_rows=BASE_ROWS, seed=seed)
+    if base_dir is not None:
+        base.save_pretrained(base_dir)
+        space.save(os.path.join(base_dir, TOKEN_SPACE_NAME))
+    model = get_peft_model(base, RowExtensionConfig(token_space=space))
+    model.peft_config["default"].base_model_name_or_path = base_dir
     trainable, total = model.get_nb_trainable_parameters()
     generator = torch.Generator().manual_seed(seed)
     batch = torch.randint(0, space.vocab_size, (2, 32), generator=generator)

@@ -73,7 +73,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------------------------- demo
 def define_demo(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", help="keep the adapter here (default: a temp dir, removed at the end)")
+    parser.add_argument("--workdir", help="keep the tiny base (WORKDIR/base) and the adapter (WORKDIR/adapter) here "
+                        "(default: a temp dir, removed at the end)")
     parser.add_argument("--steps", type=non_negative_int, default=3, help="training steps on random tokens (0: none)")
 
 
