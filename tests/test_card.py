@@ -13,15 +13,8 @@ from huggingface_hub import ModelCard
 from peft import PeftModel, get_peft_model
 
 import uti_peft
-from uti_peft.card import (
-    ADAPTER_REF_PLACEHOLDER,
-    card_facts,
-    file_sha256,
-    render_model_card,
-    rows_bytes_of_file,
-    template_path,
-    write_model_card,
-)
+from uti_peft.card import ADAPTER_REF_PLACEHOLDER, card_facts, render_model_card, template_path, write_model_card
+from uti_peft.files import file_sha256, rows_bytes_of_file
 from uti_peft.tiny import build_tiny_qwen3, build_token_space, tiny_token_space
 
 PROVENANCE = {

@@ -30,7 +30,8 @@ from transformers import AutoModelForCausalLM
 
 import uti_peft
 from uti_peft import cli
-from uti_peft.card import card_facts, file_sha256
+from uti_peft.card import card_facts
+from uti_peft.files import file_sha256
 from uti_peft.constants import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY
 from uti_peft.errors import (
     AdapterNotFoundError,

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import uti_peft
+import uti_peft.files
 from uti_peft.cli import main
 from uti_peft.merge import MARKER_NAME, MergeError, default_max_shard_size, merge_adapter
 from uti_peft.constants import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY
@@ -149,7 +150,7 @@ def test_output_files_tokenizer_card_and_marker(tmp_path, token_space, make_adap
     assert card.data.base_model == "uti-peft/tiny-qwen3" and card.data.base_model_relation == "merge"
     facts = card.data.uti_peft
     assert facts == json.loads((out / MARKER_NAME).read_text())
-    assert facts["adapter_sha256"] == uti_peft.card.file_sha256(adapter / "adapter_model.safetensors")
+    assert facts["adapter_sha256"] == uti_peft.files.file_sha256(adapter / "adapter_model.safetensors")
     assert "| `IMAGE` | 1064..1319 | 256 |" in card.text and facts["adapter_sha256"] in card.text
 
 

@@ -12,20 +12,17 @@ report), so that a card can be read back by a program (see `card_facts`).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import os
-import struct
 from importlib import resources
 from typing import Any, Callable, Optional
 
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from tqdm.auto import tqdm
 
 from .constants import CARD_NAME, WEIGHTS_NAME
-from .errors import RowExtensionError
+from .files import file_sha256, rows_bytes_of_file
 from .row_extension.config import AFTER_SAVE, RowExtensionConfig
 from .token_space import TokenSpace
 
@@ -193,47 +190,6 @@ def card_facts(card: ModelCard) -> dict[str, Any]:
     """The ``uti_peft`` metadata block of a card (``{}`` for a card that is not ours)."""
     facts = card.data.get(METADATA_KEY)
     return dict(facts) if isinstance(facts, dict) else {}
-
-
-def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON header of a safetensors file, checked to account for every byte of the file."""
-    path = os.fspath(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise RowExtensionError(f"{path}: not a safetensors file (truncated header)")
-        (length,) = struct.unpack("<Q", raw)
-        if length > size - 8:
-            raise RowExtensionError(f"{path}: not a safetensors file (header length {length} > file size {size})")
-        header = json.loads(f.read(length))
-    data = _tensor_bytes(header)
-    if 8 + length + data != size:
-        raise RowExtensionError(f"{path}: {size} bytes but header and tensors account for {8 + length + data}")
-    return header
-
-
-def _tensor_bytes(header: dict[str, Any]) -> int:
-    return sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items() if k != "__metadata__")
-
-
-def rows_bytes_of_file(path: str | os.PathLike) -> int:
-    """Bytes of tensor data in a safetensors file (the rows), read from its header without loading it."""
-    return _tensor_bytes(read_safetensors_header(path))
-
-
-def file_sha256(path: str | os.PathLike, *, progress: Optional[bool] = False) -> str:
-    """sha256 of a file's bytes, streamed; ``progress=None`` shows a bar on a terminal only."""
-    digest = hashlib.sha256()
-    bar = tqdm(total=os.path.getsize(path), desc=f"reading {os.path.basename(path)}", unit="B", unit_scale=True,
-               disable=None if progress is None else not progress)
-    block = bytearray(1 << 20)  # one reused buffer, filled in place: no allocation per block
-    view = memoryview(block)
-    with open(path, "rb", buffering=0) as f, bar:
-        while n := f.readinto(block):
-            digest.update(view[:n])
-            bar.update(n)
-    return digest.hexdigest()
 
 
 def write_model_card(

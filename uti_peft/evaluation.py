@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .constants import DTYPE_NAMES
+from .files import DTYPES
 from .data import (
     ALL,
     DEFAULT_MAX_SEQ_LEN,
@@ -30,10 +30,9 @@ from .data import (
 from .data import Example as EvalExample
 from .token_space import TokenSpace
 
-DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 # Re-exported: the JSONL reader and its constants moved to uti_peft.data, where training shares them.
-__all__ = ["ALL", "DEFAULT_MAX_SEQ_LEN", "DTYPES", "IGNORE_INDEX", "TRUNCATION_SIDES", "EvalExample", "evaluate",
+__all__ = ["ALL", "DEFAULT_MAX_SEQ_LEN", "IGNORE_INDEX", "TRUNCATION_SIDES", "EvalExample", "evaluate",
            "load_model", "read_jsonl", "summary", "write_atomically"]
 
 

@@ -38,15 +38,8 @@ from huggingface_hub.errors import (
 )
 from peft.utils import CONFIG_NAME, PeftType
 
-from .card import (
-    CARD_NAME,
-    METADATA_KEY,
-    card_facts,
-    file_sha256,
-    read_safetensors_header,
-    render_model_card,
-    rows_bytes_of_file,
-)
+from .card import CARD_NAME, METADATA_KEY, card_facts, render_model_card
+from .files import file_sha256, read_safetensors_header, rows_bytes_of_file
 from .constants import DEFAULT_COMMIT_MESSAGE, TOKEN_SPACE_NAME
 from .row_extension._compat import set_push_handler
 from .row_extension.config import RowExtensionConfig, find_row_extension_adapter

@@ -34,9 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .card import CARD_NAME, file_sha256
+from .card import CARD_NAME
 from .constants import (
-    DTYPE_NAMES,
     EXPORT_MARKER_NAME,
     INPUT_ROWS_KEY,
     LEGACY_JSON_NAME,
@@ -45,17 +44,16 @@ from .constants import (
     TOKEN_SPACE_NAME,
     WEIGHTS_NAME,
 )
-from .errors import LegacyCheckpointError
+from .errors import LegacyCheckpointError, RowExtensionError
+from .files import DTYPES, SAFETENSORS_DTYPES, dtype_from_name, file_sha256
 from .output import atomic_output, check_target
 from .row_extension.config import RowExtensionConfig
 from .row_extension.lora import LORA_ADAPTER_NAME, read_legacy_lora, write_lora
 from .token_space import TokenSpace, is_plain_int
 
-DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 PT_FIELDS = ("row_start", "row_end", "base_llm", "embeddings", "lm_head", "dtype")
 _ZIP_MAGIC = b"PK\x03\x04"
 _CHUNK = 1 << 22  # 4 MiB
-_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
 PathLike = Union[str, os.PathLike]
 
@@ -536,14 +534,14 @@ def _hash_as_safetensors(
     written: ``(predicted header bytes, future sha256)``. safetensors stores tensors of one dtype in name
     order, behind a compact JSON header padded with spaces to 8 bytes; `_verify_safetensors` uses the
     future only if the header actually written is byte for byte this one."""
-    codes = {name: code for code, name in _SAFETENSORS_DTYPES.items()}
+    codes = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
     header: dict[str, Any] = {"__metadata__": metadata}
     position = 0
     for key in sorted(rows):
         tensor = rows[key]
         nbytes = tensor.numel() * tensor.element_size()
         header[key] = {
-            "dtype": codes.get(_dtype_name(tensor.dtype), "?"),
+            "dtype": codes.get(tensor.dtype, "?"),
             "shape": list(tensor.shape),
             "data_offsets": [position, position + nbytes],
         }
@@ -586,7 +584,7 @@ def _verify_safetensors(
             tensor, entry = rows[key], entries[key]
             nbytes = tensor.numel() * tensor.element_size()
             if (
-                _SAFETENSORS_DTYPES.get(entry.get("dtype")) != _dtype_name(tensor.dtype)
+                SAFETENSORS_DTYPES.get(entry.get("dtype")) != tensor.dtype
                 or entry.get("shape") != list(tensor.shape)
                 or entry.get("data_offsets") != [position, position + nbytes]
             ):
@@ -634,11 +632,10 @@ def _read_exact_into(f, block: bytearray) -> int:
 def _parse_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
     if dtype is None or dtype == "keep":
         return None
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and _dtype_name(dtype) in DTYPES:
-        return DTYPES[_dtype_name(dtype)]
-    raise LegacyCheckpointError(f"dtype is {dtype!r}; expected 'keep' or one of {sorted(DTYPES)}")
+    try:
+        return dtype_from_name(dtype)
+    except RowExtensionError:
+        raise LegacyCheckpointError(f"dtype is {dtype!r}; expected 'keep' or one of {sorted(DTYPES)}") from None
 
 
 def _verify_written(written: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: str, bar) -> None:
@@ -845,7 +842,7 @@ def _inspect_adapter(adapter_dir: str) -> dict[str, Any]:
         with safe_open(weights_path, framework="pt") as f:
             for key in f.keys():
                 piece = f.get_slice(key)
-                shape, dtype = piece.get_shape(), _SAFETENSORS_DTYPES.get(piece.get_dtype(), piece.get_dtype())
+                shape, dtype = piece.get_shape(), _dtype_name(SAFETENSORS_DTYPES.get(piece.get_dtype(), piece.get_dtype()))
                 tensors[key] = f"{shape} {dtype}"
                 hidden = shape[-1] if len(shape) == 2 else hidden
     except Exception as exc:

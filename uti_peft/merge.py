@@ -39,11 +39,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from transformers.utils import logging as hf_logging
 
-from .card import _version, file_sha256, read_safetensors_header, render_merged_card
+from .card import _version, render_merged_card
 from .constants import CARD_NAME, INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, TOKEN_SPACE_NAME, WEIGHTS_NAME
-from .errors import MergeError
+from .errors import MergeError, RowExtensionError
+from .files import SAFETENSORS_DTYPES, dtype_from_name, file_sha256, read_safetensors_header
 from .hub import AdapterFolder, check_adapter_folder, explain_hub_error
-from .legacy import _SAFETENSORS_DTYPES, DTYPES
 from .output import atomic_output, copy_range, write_all
 from .paths import looks_like_path
 from .row_extension.layer import mean_rows
@@ -52,8 +52,7 @@ from .tokenizer import add_modality_tokens
 
 MARKER_NAME = "uti_peft_merge.json"
 # the project's one dtype table (legacy's): safetensors dtype codes of the floating tensors we convert
-_ST_DTYPE_OF = {code: getattr(torch, name) for code, name in _SAFETENSORS_DTYPES.items()}
-_ST_CODES = {dtype: code for code, dtype in _ST_DTYPE_OF.items()}
+_ST_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 _BASE_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 PathLike = Union[str, os.PathLike]
@@ -189,17 +188,17 @@ def plan_merge(
     model = _meta_model(config)
     embed, head, tied = _module_names(model)
     _check_shapes(base_dir, folder, stored, embed, None if tied else head, config)
-    out_dtype = _parse_dtype(dtype) or _ST_DTYPE_OF.get(stored[embed].entry["dtype"])
+    out_dtype = _parse_dtype(dtype) or SAFETENSORS_DTYPES.get(stored[embed].entry["dtype"])
     if out_dtype is None:
         raise MergeError(f"{stored[embed].shard}: {embed} has dtype {stored[embed].entry['dtype']!r}, expected one of "
-                         f"{sorted(_ST_DTYPE_OF)}")
+                         f"{sorted(SAFETENSORS_DTYPES)}")
     if tied:
         stored.pop(head, None)  # a tied head stored anyway: transformers drops it on save, the embedding is the matrix
         head = None
     outputs = {}
     for name, item in stored.items():
         shape = [space.vocab_size, item.entry["shape"][1]] if name in (embed, head) else item.entry["shape"]
-        own = _ST_DTYPE_OF.get(item.entry["dtype"])
+        own = SAFETENSORS_DTYPES.get(item.entry["dtype"])
         outputs[name] = (own if own is None or (dtype is None and name not in (embed, head)) else out_dtype, shape)
     text_config = config.get_text_config()
     text_config.vocab_size, config.pad_token_id, config.dtype = space.vocab_size, space.pad_token_id, out_dtype
@@ -249,11 +248,10 @@ def _check_shapes(base_dir: str, folder: AdapterFolder, stored: dict[str, _Store
 
 
 def _parse_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
-    if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise MergeError(f"dtype is {dtype!r}; expected one of {sorted(DTYPES)}")
+    try:
+        return None if dtype is None else dtype_from_name(dtype)
+    except RowExtensionError as exc:
+        raise MergeError(str(exc)) from None
 
 
 def _load_rows(folder: AdapterFolder, tied: bool) -> dict[str, torch.Tensor]:
@@ -338,7 +336,7 @@ def _write_tensor(plan: MergePlan, name: str, f) -> int:
     path = name.removesuffix(".weight")
     if plan.lora is not None and name.endswith(".weight") and path in plan.lora.weights:
         return write_all(f, merge_lora_weight(plan.lora, path, _load(item, name, dtype)))
-    if dtype is None or dtype == _ST_DTYPE_OF[item.entry["dtype"]]:
+    if dtype is None or dtype == SAFETENSORS_DTYPES[item.entry["dtype"]]:
         return copy_range(item.shard, item.offset, f, item.nbytes)
     return write_all(f, _load(item, name, dtype))
 
@@ -358,7 +356,7 @@ def _write_extended(plan: MergePlan, name: str, f) -> int:
     else:
         with safe_open(item.shard, framework="pt") as st:
             rows = mean_rows(st.get_slice(name)[:text].to(dtype), text, config.num_new_rows)
-    if dtype == _ST_DTYPE_OF.get(item.entry["dtype"]):
+    if dtype == SAFETENSORS_DTYPES.get(item.entry["dtype"]):
         written = copy_range(item.shard, item.offset, f, text * hidden * dtype.itemsize)
     else:
         written = 0

@@ -52,7 +52,7 @@ from .distributed import (
     reattach_rows,
     write_rank_state,
 )
-from .evaluation import DTYPES
+from .files import DTYPES
 from .output_dir import check_output_dir
 from .tiny import build_tiny_qwen3, tiny_token_space
 from .token_space import TokenSpace
