@@ -40,10 +40,8 @@ def register() -> None:
             return
         _registered = True  # first: the imports below come back through the finder
         try:
-            from uti_peft import card, row_extension  # noqa: F401  (the method registers; card adds its writer)
-            from uti_peft import hub
-
-            hub.install()
+            # the method registers itself; the card and Hub modules register their save hook and push handler
+            from uti_peft import card, hub, row_extension  # noqa: F401
         except BaseException:
             _registered = False
             raise

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS: list[tuple[str, set[str]]] = [
     ("constants and errors", {"uti_peft.constants", "uti_peft.errors"}),
     ("token space and utilities", {"uti_peft.token_space", "uti_peft.memory", "uti_peft.tiny", "uti_peft.output", "uti_peft.files",
-                                   "uti_peft.paths"}),
+                                   "uti_peft.paths", "uti_peft.adapter_location"}),
     ("the PEFT method", {"uti_peft.row_extension"}),
     ("I/O and tasks", {
         "uti_peft.card", "uti_peft.hub", "uti_peft.legacy", "uti_peft.data", "uti_peft.evaluation",
@@ -109,9 +109,8 @@ def test_the_walker_sees_function_level_and_relative_imports(tmp_path):
 
 def test_only_the_compatibility_module_patches_peft_and_transformers():
     """Assignments to attributes of peft/transformers objects live in row_extension/_compat.py (and the start-up
-    hook, which stands in for transformers' load_adapter until uti_peft is imported) — and in hub.py's load
-    diagnostics, the one patch still outside it (docs/architecture.md, "Known debt")."""
-    allowed = {"uti_peft.row_extension._compat", "uti_peft_autoload", "uti_peft.hub"}
+    hook, which stands in for transformers' load_adapter until uti_peft is registered)."""
+    allowed = {"uti_peft.row_extension._compat", "uti_peft_autoload"}
     offenders = []
     for name, path in module_files().items():
         source = path.read_text()

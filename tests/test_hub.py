@@ -40,6 +40,7 @@ from uti_peft.errors import (
     RowExtensionError,
     WrongAdapterTypeError,
 )
+from uti_peft.adapter_location import locate_adapter
 from uti_peft.hub import check_adapter_folder
 from uti_peft.row_extension.base_check import check_base_model, same_model_name
 from uti_peft.tiny import build_tiny_qwen3, tiny_token_space
@@ -197,7 +198,7 @@ def test_push_to_a_branch_then_load_by_id_with_revision_and_subfolder(online, sa
     loaded = PeftModel.from_pretrained(build_tiny_qwen3(), "org/push-rev", revision="dev", subfolder="extra")
     assert torch.equal(logits(loaded), logits(second))
     with pytest.raises(AdapterNotFoundError, match=r"'org/push-rev' has no adapter_config.json"):
-        PeftModel.from_pretrained(build_tiny_qwen3(), "org/push-rev")  # main has no adapter
+        uti_peft.RowExtensionConfig.from_pretrained("org/push-rev")  # main has no adapter
 
 
 def test_push_of_rows_plus_lora_uploads_both_and_loads_by_id_in_one_call(online, saved):
@@ -289,10 +290,10 @@ def test_the_token_is_sent_and_private_repos_need_it(online, saved, monkeypatch,
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "anonymous-cache"))
     with pytest.raises(AdapterNotFoundError, match=r"no model repo 'org/private-rows' .*\(or no access to it\)"):
-        PeftModel.from_pretrained(build_tiny_qwen3(), "org/private-rows")
+        uti_peft.RowExtensionConfig.from_pretrained("org/private-rows")
     assert online.requests[-1]["authorization"] is None
     with pytest.raises(AdapterNotFoundError, match=r"'org/private-rows'"):
-        PeftModel.from_pretrained(build_tiny_qwen3(), "org/private-rows", token="hf_wrong")
+        uti_peft.RowExtensionConfig.from_pretrained("org/private-rows", token="hf_wrong")
     assert online.requests[-1]["authorization"] == "Bearer hf_wrong"
     loaded = PeftModel.from_pretrained(build_tiny_qwen3(), "org/public-rows")  # public: no token needed
     assert torch.equal(logits(loaded), saved["v1_logits"])
@@ -358,26 +359,30 @@ def test_errors_offline_say_what_is_missing(offline, saved):
         (BASE_ID, None): r"cached 'org/tiny-base' .* has no adapter_config.json.*looks like a full model",
         ("org/rows", "v9"): r"revision 'v9' of 'org/rows' is not in the local Hub cache .*cached: main, v1",
     }
+    # uti-peft's own entry points explain (PEFT's own calls keep PEFT's messages: nothing of PEFT is patched for this)
     for (repo, revision), message in cases.items():
         with pytest.raises(AdapterNotFoundError, match=message) as caught:
-            PeftModel.from_pretrained(base, repo, revision=revision)
-        assert isinstance(caught.value, ValueError)  # what PEFT raised before, with the reason added
-    with pytest.raises(AdapterNotFoundError, match=r"'org/missing' is not in the local Hub cache"):
-        AutoPeftModelForCausalLM.from_pretrained("org/missing")
+            uti_peft.RowExtensionConfig.from_pretrained(repo, revision=revision)
+        assert isinstance(caught.value, ValueError)  # what PEFT raised, with the reason added
+        with pytest.raises(AdapterNotFoundError, match=message):
+            locate_adapter(repo, revision=revision)
     with pytest.raises(AdapterNotFoundError, match=r"no adapter directory './no/such/dir'"):
-        PeftModel.from_pretrained(base, "./no/such/dir")
+        uti_peft.RowExtensionConfig.from_pretrained("./no/such/dir")
+    with pytest.raises(ValueError, match="Can't find 'adapter_config.json'"):
+        PeftModel.from_pretrained(base, "org/missing")
     assert base.get_input_embeddings().weight.shape == (1024, 64)  # the base was not touched
 
 
 def test_errors_online_say_what_is_missing(online, saved):
     online.commit("org/nested", {p: f.read_bytes() for p, f in folder_files(saved["v1"], "rows/").items()})
     base = build_tiny_qwen3()
+    load = uti_peft.RowExtensionConfig.from_pretrained
     with pytest.raises(AdapterNotFoundError, match=r"no model repo 'org/nope' on http://127\.0\.0\.1:\d+ .*hf auth login"):
-        PeftModel.from_pretrained(base, "org/nope")
+        load("org/nope")
     with pytest.raises(AdapterNotFoundError, match=r"'org/nested' has no adapter_config.json.*subfolders \['rows'\]"):
-        PeftModel.from_pretrained(base, "org/nested")
+        load("org/nested")
     with pytest.raises(AdapterNotFoundError, match=r"'org/nested' has no revision 'v9'"):
-        PeftModel.from_pretrained(base, "org/nested", subfolder="rows", revision="v9")
+        load("org/nested", subfolder="rows", revision="v9")
     loaded = PeftModel.from_pretrained(base, "org/nested", subfolder="rows")
     assert torch.equal(logits(loaded), saved["v1_logits"])
 
@@ -394,7 +399,7 @@ def test_wrong_or_unknown_peft_type(saved, tmp_path):
     config = json.loads((unknown / "adapter_config.json").read_text())
     (unknown / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "FANCY_ROWS"}))
     with pytest.raises(WrongAdapterTypeError, match=r"peft_type 'FANCY_ROWS', which no installed PEFT method"):
-        PeftModel.from_pretrained(build_tiny_qwen3(), str(unknown))
+        uti_peft.RowExtensionConfig.from_pretrained(str(unknown))
 
 
 def test_adapter_for_a_base_of_another_hidden_size_fails_naming_the_repo(offline, tmp_path):

@@ -58,7 +58,8 @@ def writable_dir(value: str, option: str) -> str:
 # ---------------------------------------------------------------------------------------- token spaces
 def adapter_token_space(adapter: str, option: str):
     """The token space of an adapter (local directory or Hub id), read from its ``adapter_config.json`` only."""
-    from ..hub import check_peft_type, locate_adapter
+    from ..adapter_location import locate_adapter
+    from ..hub import check_peft_type
     from ..token_space import TokenSpace
 
     if not os.path.isdir(adapter):

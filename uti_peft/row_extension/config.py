@@ -13,8 +13,10 @@ from typing import Any, Callable, Mapping, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from ..constants import HEAD_ROW_MODES, INIT_STRATEGIES, TOKEN_SPACE_NAME
+from ..adapter_location import locate_adapter, locate_adapter_error
+from ..constants import CONFIG_NAME, HEAD_ROW_MODES, INIT_STRATEGIES, TOKEN_SPACE_NAME
 from ..errors import TokenSpaceError, WrongAdapterTypeError
+from ..paths import looks_like_path
 from ..token_space import TokenSpace
 
 # Called as ``hook(directory, config)`` after a config is saved beside its rows; layers above the PEFT method (the
@@ -108,14 +110,32 @@ class RowExtensionConfig(PeftConfig):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
         """Load the config and remember where it came from, so that the rows can be checked before the
-        base model is touched (see `RowExtensionModel`)."""
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        base model is touched (see `RowExtensionModel`).
+
+        Errors say what to do: a missing directory, repo, revision or ``adapter_config.json`` (`locate_adapter`;
+        a local path fails at once, without asking the Hub), another PEFT type, or a ``peft_type`` nobody
+        registered.
+        """
+        name = os.fspath(pretrained_model_name_or_path)
+        hub_kwargs, _, _ = cls._split_kwargs(kwargs)
+        if os.path.isdir(name) or looks_like_path(name):
+            locate_adapter(name, subfolder=subfolder)
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except ValueError as exc:  # PEFT's bare "Can't find 'adapter_config.json' at ...": say which case it is
+            if f"Can't find '{CONFIG_NAME}'" not in str(exc):
+                raise
+            raise locate_adapter_error(name, subfolder=subfolder, **hub_kwargs) or exc from exc
+        except KeyError as exc:  # PEFT has no config class for the file's peft_type
+            raise WrongAdapterTypeError(
+                f"{CONFIG_NAME} of {name!r} has peft_type {exc.args[0]!r}, which no installed PEFT method provides: "
+                "upgrade peft, or install and import the package that defines it"
+            ) from None
         if not isinstance(config, RowExtensionConfig):  # PEFT returns whatever type the file names
             raise WrongAdapterTypeError(
-                f"{os.fspath(pretrained_model_name_or_path)!r} holds a {getattr(config.peft_type, 'value', config.peft_type)} "
+                f"{name!r} holds a {getattr(config.peft_type, 'value', config.peft_type)} "
                 "adapter, not a uti-peft ROW_EXTENSION adapter"
             )
-        hub_kwargs, _, _ = cls._split_kwargs(kwargs)
         config.weights_source = (str(pretrained_model_name_or_path), {"subfolder": subfolder, **hub_kwargs})
         return config
 
