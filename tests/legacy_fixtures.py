@@ -12,6 +12,9 @@ import torch
 
 from uti_peft.token_space import TokenSpace
 
+from conftest import legacy_patch as reference_recipe
+from conftest import probe_ids  # noqa: F401  (re-exported for the legacy tests)
+
 TINY_BASE_LLM = "uti-peft/tiny-qwen3"  # tiny_token_space().base_text_model
 DROP = object()  # an override value that removes the field
 
@@ -66,25 +69,9 @@ def write_legacy_checkpoint(
 
 
 def legacy_patch(model, payload: dict[str, Any], space: TokenSpace):
-    """The legacy loader: resize to row_start, then to row_end, set the pad id, copy the rows in (for a tied
-    model the lm_head copy lands last in the shared matrix)."""
-    row_start, row_end = payload["row_start"], payload["row_end"]
-    model.resize_token_embeddings(row_start, mean_resizing=False)
-    model.resize_token_embeddings(row_end, mean_resizing=False)
-    model.config.pad_token_id = space.pad_token_id
-    with torch.no_grad():
-        model.get_input_embeddings().weight[row_start:row_end] = payload["embeddings"]
-        if payload["lm_head"] is not None:
-            model.get_output_embeddings().weight[row_start:row_end] = payload["lm_head"]
-    return model
-
-
-def probe_ids(space: TokenSpace, length: int = 40, seed: int = 0) -> torch.Tensor:
-    """2 sequences holding the first and last id of every range plus random ids from the whole space."""
-    edges = [i for r in space.ranges.values() for i in (r.start, r.end)]
-    generator = torch.Generator().manual_seed(seed)
-    rest = torch.randint(0, space.vocab_size, (2 * length - len(edges),), generator=generator).tolist()
-    return torch.tensor(edges + rest).view(2, length)
+    """The legacy loader applied to a checkpoint's payload: `conftest.legacy_patch`, the one reference recipe."""
+    assert (payload["row_start"], payload["row_end"]) == (space.text_vocab_size, space.vocab_size)
+    return reference_recipe(model, space, payload["embeddings"], payload["lm_head"])
 
 
 class RunsCodeOnLoad:
