@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 
 import uti_peft
 from uti_peft.cli import main
-from uti_peft.legacy import LegacyCheckpointError, _atomic_output, inspect_checkpoint
+from uti_peft.errors import LegacyCheckpointError
+from uti_peft.legacy import inspect_checkpoint
+from uti_peft.legacy.checkpoint import _atomic_output
 from uti_peft.constants import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
 from uti_peft.tiny import build_tiny_qwen3, tiny_token_space
 
@@ -228,7 +230,7 @@ def test_cast_that_overflows_is_refused(tmp_path):
 
 @pytest.mark.parametrize("rows_dtype", [torch.bfloat16, torch.float32])
 def test_card_hash_is_the_written_file_and_a_bad_write_is_refused(tmp_path, monkeypatch, rows_dtype):
-    import uti_peft.legacy as legacy
+    import uti_peft.legacy.convert as legacy  # where convert_legacy looks the predictor up
     from huggingface_hub import ModelCard
 
     from uti_peft.card import card_facts
