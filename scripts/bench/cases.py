@@ -31,6 +31,7 @@ def import_model_stack() -> None:
 
 
 def load_base(path: Path):
+    """The checkpoint at ``path`` in bf16, as every load case reads it."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE)
@@ -63,10 +64,12 @@ def legacy_patch(model, paths: Paths, shape: Shape, mean_resizing: Optional[bool
 
 
 def load_legacy_default(paths: Paths, params: Params):
+    """The legacy loader with transformers' defaults (mean-resizing: slow, run under a time limit)."""
     return legacy_patch(load_base(paths.base), paths, params.shape, mean_resizing=None)
 
 
 def load_legacy_nomean(paths: Paths, params: Params):
+    """The legacy loader with ``mean_resizing=False``: what the legacy path costs without the mean."""
     return legacy_patch(load_base(paths.base), paths, params.shape, mean_resizing=False)
 
 

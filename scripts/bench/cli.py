@@ -23,6 +23,7 @@ from .workdir import prepare_merge_bases, prepare_workdir
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The flags of ``scripts/bench.py`` (the hidden ``--case`` is how the runner starts a case process)."""
     default_shape = Shape()
     parser = argparse.ArgumentParser(
         description=PACKAGE_DOC.split("\n\n")[0],
@@ -62,6 +63,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def params_from_args(args: argparse.Namespace) -> Params:
+    """The run's ``Params``: the flags at Qwen3-8B shapes, or ``--quick``'s fixed tiny run (tests)."""
     if args.quick:
         return Params(shape=QUICK_SHAPE, reps=1, prefill_tokens=16, decode_steps=4, train_seq_len=16, train_steps=1,
                       legacy_timeout=min(args.legacy_timeout, 30.0), quick=True, seed=args.seed,
@@ -73,6 +75,8 @@ def params_from_args(args: argparse.Namespace) -> Params:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Run one case process (``--case``), or the whole bench: set up the work dir, run the schedule, write
+    ``--out``/bench.json and bench.md and print the markdown. The temporary work dir is removed at the end."""
     args = parse_args(argv)
     if args.case:
         run_cases_here(args.case, args.workdir)

@@ -70,6 +70,7 @@ class Params:
     merge_layers: tuple[int, ...] = (1, 4)
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON form (bench_params.json, bench.json's ``parameters``), with the derived sizes added."""
         data = asdict(self)
         data["shape"]["new_rows"] = self.shape.new_rows
         data["shape"]["vocab_size"] = self.shape.vocab_size
@@ -77,6 +78,7 @@ class Params:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Params":
+        """Read back ``to_dict``'s output (the derived sizes are dropped: they follow from the shape)."""
         shape = {k: v for k, v in data["shape"].items() if k not in ("new_rows", "vocab_size")}
         return cls(**{**data, "shape": Shape(**shape)})
 

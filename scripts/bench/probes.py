@@ -44,6 +44,7 @@ def reset_peak_rss() -> bool:
 
 
 def steady_memory() -> dict[str, int]:
+    """RSS after a ``gc.collect()`` (total, private, file-backed) and the peak so far, in bytes."""
     gc.collect()
     status = proc_status()
     return {
@@ -55,10 +56,12 @@ def steady_memory() -> dict[str, int]:
 
 
 def dir_bytes(path: Path) -> int:
+    """Total bytes of the files under ``path``."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
+    """A short digest of a tensor's values (as float32): equal logits across cases, equal digests."""
     return hashlib.sha256(tensor.detach().float().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 

@@ -19,65 +19,56 @@ from .runner import Runner
 
 
 def median(values: list[float]) -> Optional[float]:
+    """The median, or None when a case gave no value (failed or timed out)."""
     return statistics.median(values) if values else None
 
 
 def ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
+    """``num / den``, or None when either side is missing (or the denominator is 0)."""
     return None if num is None or not den else num / den
 
 
 def target(name: str, ours: Any, reference: Any, value: Optional[float], limit: str, met: Optional[bool],
            unit: str = "") -> dict[str, Any]:
+    """A table row with a threshold: ``met`` says whether ours meets it (None: not measured)."""
     return {"measurement": name, "kind": "target", "ours": ours, "reference": reference, "ratio": value,
             "target": limit, "met": met, "unit": unit}
 
 
 def info(name: str, ours: Any, reference: Any, value: Optional[float], unit: str = "", note: str = "") -> dict:
+    """A table row without a threshold: reported for comparison, never counted as met or missed."""
     return {"measurement": name, "kind": "info", "ours": ours, "reference": reference, "ratio": value,
             "target": note or "info", "met": None, "unit": unit}
 
 
+def ratio_target(name: str, ours: Optional[float], reference: Optional[float], limit: str, unit: str) -> dict:
+    """A target on the ratio ours / reference; ``limit`` is the bound as the table shows it (``"<= 1.10"``), and
+    the bound checked is read from that text, so that the two cannot disagree."""
+    value, bound = ratio(ours, reference), float(limit.removeprefix("<= "))
+    return target(name, ours, reference, value, limit, None if value is None else value <= bound, unit)
+
+
+def head_matrix_bytes(shape: Shape) -> int:
+    """Bytes of one extended embedding or lm_head matrix (vocab_size x hidden, bf16)."""
+    return shape.vocab_size * shape.hidden * DTYPE_BYTES
+
+
+def rows_bytes_of(shape: Shape) -> int:
+    """Bytes of the adapter's new rows: new_rows x hidden, bf16, in the embedding and in the untied lm_head."""
+    return 2 * shape.new_rows * shape.hidden * DTYPE_BYTES
+
+
 def load_section(runner: Runner, params: Params) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    shape = params.shape
+    """bench.json's ``load`` section and its rows: medians per load case, the legacy-defaults result, and
+    whether every load gave the same logits."""
     cases = {k: f"load-{k.replace('_', '-')}" for k in ("ours", "merged", "legacy_nomean")}
     med = {k: {key: median(runner.values(c, key)) for key in
                ("seconds", "load_s", "forward_s", "steady_rss_bytes", "peak_rss_bytes", "steady_rss_anon_bytes",
                 "steady_rss_file_bytes", "rss_after_imports_bytes")} for k, c in cases.items()}
     legacy = dict(runner.first("load-legacy"))
-    legacy_s = legacy.get("seconds")
     if legacy.get("timed_out"):  # stopped by kill_after(): the load ran for exactly legacy_timeout seconds
         legacy["seconds_lower_bound"] = params.legacy_timeout
-    legacy_bound = legacy.get("seconds_lower_bound")
-    head_bytes = shape.vocab_size * shape.hidden * DTYPE_BYTES
-    o, m = med["ours"], med["merged"]
-    rows = []
-    r = ratio(o["seconds"], m["seconds"])
-    rows.append(target("load + forward time (s): ours vs merged", o["seconds"], m["seconds"], r, "<= 1.15",
-                       None if r is None else r <= 1.15, "s"))
-    label = "load + forward time: legacy (transformers defaults: mean_resizing) vs ours"
-    if legacy_s is not None:
-        rows.append(info(label, legacy_s, o["seconds"], ratio(legacy_s, o["seconds"]), "s", "info (legacy/ours)"))
-    elif legacy_bound is not None:
-        rows.append(info(label, f">= {legacy_bound:g} s (timed out)", o["seconds"], ratio(legacy_bound, o["seconds"]),
-                         "s", "info: legacy/ours is at least this"))
-    else:
-        rows.append(info(label, "n/a (failed, see load.legacy_defaults)", o["seconds"], None, "s"))
-    rows.append(info("load + forward time: legacy (mean_resizing=False) vs ours", med["legacy_nomean"]["seconds"],
-                     o["seconds"], ratio(med["legacy_nomean"]["seconds"], o["seconds"]), "s", "info (legacy/ours)"))
-    r = ratio(o["steady_rss_bytes"], m["steady_rss_bytes"])
-    rows.append(target("steady RSS after load + forward: ours vs merged", o["steady_rss_bytes"],
-                       m["steady_rss_bytes"], r, "<= 1.10", None if r is None else r <= 1.10, "bytes"))
-    for part, key in (("private (RssAnon)", "steady_rss_anon_bytes"),
-                      ("file-backed (RssFile)", "steady_rss_file_bytes")):
-        rows.append(info(f"  of which {part}: ours vs merged", o[key], m[key], ratio(o[key], m[key]), "bytes"))
-    limit = None if m["peak_rss_bytes"] is None else m["peak_rss_bytes"] + head_bytes
-    met = None if limit is None or o["peak_rss_bytes"] is None else o["peak_rss_bytes"] <= limit
-    rows.append(target("peak RSS during load + forward: ours vs merged", o["peak_rss_bytes"], m["peak_rss_bytes"],
-                       ratio(o["peak_rss_bytes"], m["peak_rss_bytes"]),
-                       f"ours <= merged + one head matrix ({head_bytes:,} B)", met, "bytes"))
-    rows.append(info("peak RSS: legacy (mean_resizing=False) vs ours", med["legacy_nomean"]["peak_rss_bytes"],
-                     o["peak_rss_bytes"], ratio(med["legacy_nomean"]["peak_rss_bytes"], o["peak_rss_bytes"]), "bytes",
-                     "info (legacy/ours)"))
+    head_bytes = head_matrix_bytes(params.shape)
     digests = {case: {result.get("logits_sha256") for result in runner.results.get(case, [])} for case in
                ("load-ours", "load-merged", "load-legacy-nomean", "load-legacy")}
     section = {
@@ -89,10 +80,42 @@ def load_section(runner: Runner, params: Params) -> tuple[dict[str, Any], list[d
         "logits_identical_ours_merged_legacy": len(set().union(*(v for k, v in digests.items()
                                                                    if k != "load-legacy")) - {None}) == 1,
     }
-    return section, rows
+    return section, load_rows(med, legacy, head_bytes)
+
+
+def load_rows(med: dict[str, dict[str, Any]], legacy: dict[str, Any], head_bytes: int) -> list[dict[str, Any]]:
+    """The load table rows: time and memory of ours vs merged (targets) and vs the legacy loader (info)."""
+    o, m, nomean = med["ours"], med["merged"], med["legacy_nomean"]
+    legacy_s, legacy_bound = legacy.get("seconds"), legacy.get("seconds_lower_bound")
+    rows = [ratio_target("load + forward time (s): ours vs merged", o["seconds"], m["seconds"], "<= 1.15", "s")]
+    label = "load + forward time: legacy (transformers defaults: mean_resizing) vs ours"
+    if legacy_s is not None:
+        rows.append(info(label, legacy_s, o["seconds"], ratio(legacy_s, o["seconds"]), "s", "info (legacy/ours)"))
+    elif legacy_bound is not None:
+        rows.append(info(label, f">= {legacy_bound:g} s (timed out)", o["seconds"], ratio(legacy_bound, o["seconds"]),
+                         "s", "info: legacy/ours is at least this"))
+    else:
+        rows.append(info(label, "n/a (failed, see load.legacy_defaults)", o["seconds"], None, "s"))
+    rows.append(info("load + forward time: legacy (mean_resizing=False) vs ours", nomean["seconds"],
+                     o["seconds"], ratio(nomean["seconds"], o["seconds"]), "s", "info (legacy/ours)"))
+    rows.append(ratio_target("steady RSS after load + forward: ours vs merged", o["steady_rss_bytes"],
+                             m["steady_rss_bytes"], "<= 1.10", "bytes"))
+    for part, key in (("private (RssAnon)", "steady_rss_anon_bytes"),
+                      ("file-backed (RssFile)", "steady_rss_file_bytes")):
+        rows.append(info(f"  of which {part}: ours vs merged", o[key], m[key], ratio(o[key], m[key]), "bytes"))
+    limit = None if m["peak_rss_bytes"] is None else m["peak_rss_bytes"] + head_bytes
+    met = None if limit is None or o["peak_rss_bytes"] is None else o["peak_rss_bytes"] <= limit
+    rows.append(target("peak RSS during load + forward: ours vs merged", o["peak_rss_bytes"], m["peak_rss_bytes"],
+                       ratio(o["peak_rss_bytes"], m["peak_rss_bytes"]),
+                       f"ours <= merged + one head matrix ({head_bytes:,} B)", met, "bytes"))
+    rows.append(info("peak RSS: legacy (mean_resizing=False) vs ours", nomean["peak_rss_bytes"],
+                     o["peak_rss_bytes"], ratio(nomean["peak_rss_bytes"], o["peak_rss_bytes"]), "bytes",
+                     "info (legacy/ours)"))
+    return rows
 
 
 def inference_section(runner: Runner, params: Params) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """bench.json's ``inference`` section and its rows: prefill and decode medians, ours vs merged."""
     result = runner.first("inference")
     raw = result.get("raw", {})
     med = {name: {k: median(v) for k, v in phases.items()} for name, phases in raw.items()}
@@ -101,22 +124,22 @@ def inference_section(runner: Runner, params: Params) -> tuple[dict[str, Any], l
                          ("decode_s", f"decode {params.decode_steps} steps (KV cache)")):
         o = med.get("ours", {}).get(phase)
         m = med.get("merged", {}).get(phase)
-        r = ratio(o, m)
-        rows.append(target(f"{label} (s): ours vs merged", o, m, r, "<= 1.05", None if r is None else r <= 1.05, "s"))
+        rows.append(ratio_target(f"{label} (s): ours vs merged", o, m, "<= 1.05", "s"))
     section = {"medians": med, "raw": raw, "same_greedy_tokens": result.get("same_tokens"),
                "error": result.get("error") or result.get("timed_out")}
     return section, rows
 
 
 def training_section(runner: Runner, shape: Shape) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """bench.json's ``training`` section and its rows: step time and gradient + optimizer-state bytes,
+    ours vs the legacy recipe, and ours vs the rows-only expectation."""
     ours, legacy = runner.first("train-ours"), runner.first("train-legacy")
-    rows_bytes = 2 * shape.new_rows * shape.hidden * DTYPE_BYTES  # embedding + untied lm_head rows
+    rows_bytes = rows_bytes_of(shape)
     # gradient + AdamW exp_avg + exp_avg_sq, each rows-shaped; plus one fp32 'step' scalar per parameter
     expected = 3 * rows_bytes + 2 * 4
     o_s, l_s = median(ours.get("step_s", [])), median(legacy.get("step_s", []))
-    r = ratio(o_s, l_s)
     rows = [
-        target("training step time (s): ours vs legacy", o_s, l_s, r, "<= 0.8", None if r is None else r <= 0.8, "s"),
+        ratio_target("training step time (s): ours vs legacy", o_s, l_s, "<= 0.8", "s"),
         target("gradient + optimizer state bytes: ours vs rows-only expectation", ours.get("state_bytes"), expected,
                ratio(ours.get("state_bytes"), expected), "ours == 3 x rows bytes + 2 step scalars",
                None if "state_bytes" not in ours else ours["state_bytes"] == expected, "bytes"),
@@ -137,19 +160,20 @@ def training_section(runner: Runner, shape: Shape) -> tuple[dict[str, Any], list
 
 
 def size_section(runner: Runner, paths: Paths, shape: Shape) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    rows_bytes = 2 * shape.new_rows * shape.hidden * DTYPE_BYTES
-    modules_to_save = 2 * shape.vocab_size * shape.hidden * DTYPE_BYTES
+    """bench.json's ``size_and_conversion`` section and its rows: adapter bytes vs the rows' bytes and
+    vs PEFT's modules_to_save, and convert_legacy time vs a plain torch.load + save_file."""
+    rows_bytes = rows_bytes_of(shape)
+    modules_to_save = 2 * head_matrix_bytes(shape)
     adapter = dir_bytes(paths.adapter)
     files = {p.name: p.stat().st_size for p in sorted(paths.adapter.iterdir()) if p.is_file()}
     conv, plain = runner.values("convert-ours", "seconds"), runner.values("convert-plain", "seconds")
-    r = ratio(median(conv), median(plain))
     rows = [
         target("adapter directory size: ours vs rows bytes", adapter, rows_bytes, ratio(adapter, rows_bytes),
                "<= rows + 1 MB (1,000,000 B)", adapter <= rows_bytes + MB, "bytes"),
         info("PEFT modules_to_save alternative vs our adapter dir", modules_to_save, adapter,
              ratio(modules_to_save, adapter), "bytes", "info (2 full vocab x hidden bf16 matrices, from shapes)"),
-        target("convert_legacy time (s): ours vs torch.load + save_file", median(conv), median(plain), r, "<= 1.5",
-               None if r is None else r <= 1.5, "s"),
+        ratio_target("convert_legacy time (s): ours vs torch.load + save_file", median(conv), median(plain),
+                     "<= 1.5", "s"),
     ]
     section = {"adapter_dir_bytes": adapter, "adapter_files": files, "rows_bytes": rows_bytes,
                "modules_to_save_bytes": modules_to_save, "legacy_pt_bytes": paths.legacy_pt.stat().st_size,
@@ -159,17 +183,17 @@ def size_section(runner: Runner, paths: Paths, shape: Shape) -> tuple[dict[str, 
 
 
 def merge_section(runner: Runner, params: Params) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    shape = params.shape
-    largest = shape.vocab_size * shape.hidden * DTYPE_BYTES  # the extended embedding / lm_head
+    """bench.json's ``merge`` section and its rows, per ``merge_layers`` count: time and peak RSS of
+    uti-peft merge vs PEFT's, and whether both wrote the same tensors."""
+    largest = head_matrix_bytes(params.shape)  # the extended embedding / lm_head
     limit = 2 * largest + 512 * 2**20
     rows, section = [], {"largest_merged_tensor_bytes": largest, "peak_rss_limit_bytes": limit, "layers": {}}
     for layers in params.merge_layers:
         ours, peft = f"merge-ours-{layers}L", f"merge-peft-{layers}L"
         o_s, p_s = median(runner.values(ours, "seconds")), median(runner.values(peft, "seconds"))
         o_rss, p_rss = median(runner.values(ours, "peak_rss_bytes")), median(runner.values(peft, "peak_rss_bytes"))
-        r = ratio(o_s, p_s)
-        rows.append(target(f"merge + write, {layers} layer(s) (s): uti-peft merge vs PEFT merge_and_unload + "
-                           "save_pretrained", o_s, p_s, r, "<= 0.5", None if r is None else r <= 0.5, "s"))
+        rows.append(ratio_target(f"merge + write, {layers} layer(s) (s): uti-peft merge vs PEFT merge_and_unload + "
+                                 "save_pretrained", o_s, p_s, "<= 0.5", "s"))
         rows.append(target(f"merge peak RSS, {layers} layer(s): uti-peft merge vs 2 x largest merged tensor + 512 MiB",
                            o_rss, limit, ratio(o_rss, limit), f"<= {limit:,} B", None if o_rss is None else
                            o_rss <= limit, "bytes"))
@@ -186,6 +210,7 @@ def merge_section(runner: Runner, params: Params) -> tuple[dict[str, Any], list[
 
 
 def machine_info() -> dict[str, Any]:
+    """CPU, cores, RAM and library versions: what a timing depends on besides the code."""
     import peft
     import safetensors
     import transformers
@@ -218,6 +243,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def fmt(value: Any, unit: str) -> str:
+    """One table cell: bytes as MB, seconds with 3 decimals, text as it is, None as n/a."""
     if value is None:
         return "n/a"
     if isinstance(value, str):
@@ -230,6 +256,7 @@ def fmt(value: Any, unit: str) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
+    """bench.md: the machine and shape in two sentences, the table, the memory method, the notes, setup times."""
     p = report["parameters"]
     s = p["shape"]
     m = report["machine"]
@@ -279,8 +306,8 @@ def notes(params: Params) -> list[str]:
         f"Inference: prefill {params.prefill_tokens} tokens (last-token logits only, as generate() does) and "
         f"{params.decode_steps} greedy decode steps with the KV cache, explicit loop; ours and merged alternate.",
     ]
-    out.append(f"Merge: the rows-only adapter into bases of {', '.join(map(str, params.merge_layers))} decoder layer(s); "
-               "uti-peft merge streams the shards (unchanged tensors copied by the kernel), PEFT's way loads the "
+    out.append(f"Merge: the rows-only adapter into bases of {', '.join(map(str, params.merge_layers))} "
+               "decoder layer(s); uti-peft merge streams the shards (unchanged tensors copied by the kernel), PEFT's way loads the "
                "base (memory-mapped), merges and saves. The bases have no tokenizer, so neither writes one. The "
                "machine is shared: timings are noisy.")
     if not params.quick:
@@ -293,6 +320,7 @@ def notes(params: Params) -> list[str]:
 
 
 def build_report(runner: Runner, paths: Paths, params: Params, setup: dict, started: float) -> dict[str, Any]:
+    """bench.json: every section, the raw results, the table and the count of targets met."""
     load, load_rows = load_section(runner, params)
     infer, infer_rows = inference_section(runner, params)
     train, train_rows = training_section(runner, params.shape)

@@ -62,6 +62,7 @@ class Runner:
         self.results: dict[str, list[dict[str, Any]]] = {}
 
     def run(self, steps: list[tuple[str, float]]) -> None:
+        """Run the steps, appending each case's result to its list in ``results`` (repetitions in order)."""
         if self.params.quick:
             batches = [([name for name, _ in steps], sum(timeout for _, timeout in steps))]
         else:
@@ -71,29 +72,30 @@ class Runner:
                 self.results.setdefault(result["case"], []).append(result)
 
     def values(self, case: str, key: str) -> list[float]:
+        """The ``key`` of every repetition of ``case`` that has it (failed repetitions have not)."""
         return [r[key] for r in self.results.get(case, []) if key in r]
 
     def first(self, case: str) -> dict[str, Any]:
+        """The first result of ``case`` (an empty dict when it never ran)."""
         return (self.results.get(case) or [{}])[0]
+
+
+def alternating(pair: list[str], reps: int, timeout: float) -> list[tuple[str, float]]:
+    """``reps`` repetitions of ours and its reference, the one that goes first swapping each time (ABBA...), so
+    that neither always runs in the same position (warm caches, load of a shared machine)."""
+    return [(name, timeout) for rep in range(reps) for name in (pair if rep % 2 == 0 else pair[::-1])]
 
 
 def schedule(params: Params) -> list[tuple[str, float]]:
     """The measurement plan as (case, process timeout) steps; ours and the reference alternate which goes
     first from one repetition to the next."""
-    loads = ["load-ours", "load-merged"]
-    converts = ["convert-ours", "convert-plain"]
     budget = 600.0 if not params.quick else 120.0
-    steps: list[tuple[str, float]] = []
-    for rep in range(params.reps):
-        steps += [(name, budget) for name in (loads if rep % 2 == 0 else loads[::-1])]
+    steps = alternating(["load-ours", "load-merged"], params.reps, budget)
     steps.append(("load-legacy-nomean", budget))  # informational, once
     steps += [("inference", budget), ("train-ours", budget), ("train-legacy", budget)]
-    for rep in range(params.reps):
-        steps += [(name, budget) for name in (converts if rep % 2 == 0 else converts[::-1])]
+    steps += alternating(["convert-ours", "convert-plain"], params.reps, budget)
     for layers in params.merge_layers:
-        merges = [f"merge-ours-{layers}L", f"merge-peft-{layers}L"]
-        for rep in range(params.reps):
-            steps += [(name, budget) for name in (merges if rep % 2 == 0 else merges[::-1])]
+        steps += alternating([f"merge-ours-{layers}L", f"merge-peft-{layers}L"], params.reps, budget)
     # last (so that in --quick's single process nothing runs after it): it ends itself after --legacy-timeout
     steps.append(("load-legacy", params.legacy_timeout + 120.0))
     return steps

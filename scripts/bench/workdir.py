@@ -18,6 +18,7 @@ from .params import DTYPE, Params, Paths, Shape
 
 
 def qwen3_config(shape: Shape):
+    """A Qwen3 config of ``shape``, with Qwen3-8B's other settings (rope, norm eps, untied)."""
     from transformers import Qwen3Config
 
     return Qwen3Config(
