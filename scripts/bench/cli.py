@@ -1,0 +1,106 @@
+"""The command line of ``python scripts/bench.py``: flags, the parameters they give, and the run from setup to
+``bench.json`` + ``bench.md``; with the hidden ``--case`` flag, the child process that runs the named cases."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+from . import __doc__ as PACKAGE_DOC
+from .cases import CASES, MERGE_LAYER_CHOICES, run_cases_here
+from .params import QUICK_SHAPE, Params, Paths, Shape
+from .report import build_report, markdown
+from .runner import Runner, schedule
+from .workdir import prepare_merge_bases, prepare_workdir
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The flags of ``scripts/bench.py`` (the hidden ``--case`` is how the runner starts a case process)."""
+    default_shape = Shape()
+    parser = argparse.ArgumentParser(
+        description=PACKAGE_DOC.split("\n\n")[0],
+        epilog="Defaults fit a 2-core AVX2 CPU in < 10 minutes (~8 min measured). Issue #5's full sizes on a "
+               "bigger machine: --prefill-tokens 512 --decode-steps 32 --train-seq-len 512 --train-steps 3 "
+               "--full-warmup (and --layers 2).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="where bench.json and bench.md go")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where the checkpoints are written (~6 GB at full shape); default: a temporary "
+                             "directory under /tmp, removed at the end. A given --workdir is kept and reused when "
+                             "it already holds checkpoints of the same shape")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions (fresh process each for load/convert)")
+    parser.add_argument("--layers", type=int, default=default_shape.layers, help="Qwen3-8B-shaped decoder layers")
+    parser.add_argument("--prefill-tokens", type=int, default=64, help="prompt length of the inference case")
+    parser.add_argument("--decode-steps", type=int, default=16, help="greedy decode steps after the prefill")
+    parser.add_argument("--train-seq-len", type=int, default=2,
+                        help="sequence length of the training step (2 = one predicted token). Small by default: "
+                             "on a CPU without native bf16 the lm_head's input gradient (grad_out @ weight, K = vocab) "
+                             "runs at ~0.3 GFLOP/s, ~20 s per token, in both recipes")
+    parser.add_argument("--train-steps", type=int, default=1, help="timed training steps (after a warm-up)")
+    parser.add_argument("--full-warmup", action="store_true",
+                        help="warm up with a full training step instead of a forward + an optimizer step on zero "
+                             "gradients (which costs no backward pass)")
+    parser.add_argument("--legacy-timeout", type=float, default=90.0,
+                        help="seconds allowed to the legacy load with transformers defaults (mean-resizing takes "
+                             "~30 min at these shapes on a 2-core CPU); reported as a lower bound when hit")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, the rows and the token ids")
+    parser.add_argument("--merge-layers", type=int, nargs="+", default=[1, 4], choices=MERGE_LAYER_CHOICES,
+                        metavar="N", help="decoder-layer counts of the bases the merge case runs on")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny shapes (uti_peft.tiny sizes), 1 repetition, all cases in one child process: the "
+                             "same code paths in well under a minute, for tests; timings mean nothing")
+    parser.add_argument("--case", action="append", choices=sorted(CASES), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def params_from_args(args: argparse.Namespace) -> Params:
+    """The run's ``Params``: the flags at Qwen3-8B shapes, or ``--quick``'s fixed tiny run (tests)."""
+    if args.quick:
+        return Params(shape=QUICK_SHAPE, reps=1, prefill_tokens=16, decode_steps=4, train_seq_len=16, train_steps=1,
+                      legacy_timeout=min(args.legacy_timeout, 30.0), quick=True, seed=args.seed,
+                      full_warmup=args.full_warmup, merge_layers=(QUICK_SHAPE.layers,))
+    return Params(shape=replace(Shape(), layers=args.layers), reps=args.reps, prefill_tokens=args.prefill_tokens,
+                  decode_steps=args.decode_steps, train_seq_len=args.train_seq_len, train_steps=args.train_steps,
+                  legacy_timeout=args.legacy_timeout, quick=False, seed=args.seed, full_warmup=args.full_warmup,
+                  merge_layers=tuple(args.merge_layers))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run one case process (``--case``), or the whole bench: set up the work dir, run the schedule, write
+    ``--out``/bench.json and bench.md and print the markdown. The temporary work dir is removed at the end."""
+    args = parse_args(argv)
+    if args.case:
+        run_cases_here(args.case, args.workdir)
+        return 0
+    started = time.perf_counter()
+    params = params_from_args(args)
+    temporary = args.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="uti-bench-")) if temporary else args.workdir.resolve()
+    paths = Paths(workdir)
+    try:
+        print(f"setup in {workdir}", file=sys.stderr, flush=True)
+        setup = prepare_workdir(paths, params)
+        setup.update(prepare_merge_bases(paths, params))
+        print(f"  {json.dumps({k: round(v, 1) for k, v in setup.items()})}", file=sys.stderr, flush=True)
+        runner = Runner(workdir, params)
+        runner.run(schedule(params))
+        report = build_report(runner, paths, params, setup, started)
+    finally:
+        if temporary:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["bench_wall_s"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
+    (args.out / "bench.md").write_text(markdown(report))
+    print((args.out / "bench.md").read_text())
+    return 0

@@ -1,0 +1,125 @@
+"""What a benchmark run depends on: the model and token-space shape, the run parameters, the work-dir layout.
+
+The parent writes ``Params`` to the work dir (``bench_params.json``) and every case process reads it back, so both
+sides agree on one description of the run; ``bench.json`` echoes the same dictionary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPE = torch.bfloat16
+DTYPE_BYTES = 2
+MB = 1_000_000
+PARAMS_NAME = "bench_params.json"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Model and token-space sizes. The defaults are Qwen3-8B's embedding and decoder-layer shapes."""
+
+    vocab_rows: int = 151_936  # rows of the base embedding / lm_head (Qwen3 pads the 151,669 text ids)
+    hidden: int = 4_096
+    layers: int = 1
+    intermediate: int = 12_288
+    heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    text_vocab: int = 151_669
+    special: int = 64
+    image: int = 8_192
+    codebooks: int = 4
+    codebook_size: int = 1_024
+
+    @property
+    def new_rows(self) -> int:
+        return self.special + self.image + self.codebooks * self.codebook_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_vocab + self.new_rows
+
+
+# the sizes of uti_peft.tiny.build_tiny_qwen3() / tiny_token_space()
+QUICK_SHAPE = Shape(
+    vocab_rows=1_024, hidden=64, layers=2, intermediate=128, heads=4, kv_heads=2, head_dim=16,
+    text_vocab=1_000, image=256, codebook_size=64,
+)
+
+
+@dataclass(frozen=True)
+class Params:
+    """Everything a measurement depends on; written to the work dir for the child processes and to bench.json."""
+
+    shape: Shape
+    reps: int
+    prefill_tokens: int
+    decode_steps: int
+    train_seq_len: int
+    train_steps: int
+    legacy_timeout: float
+    quick: bool
+    full_warmup: bool = False
+    seed: int = 0
+    dtype: str = "bfloat16"
+    load_probe_tokens: int = 8
+    merge_layers: tuple[int, ...] = (1, 4)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (bench_params.json, bench.json's ``parameters``), with the derived sizes added."""
+        data = asdict(self)
+        data["shape"]["new_rows"] = self.shape.new_rows
+        data["shape"]["vocab_size"] = self.shape.vocab_size
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Params":
+        """Read back ``to_dict``'s output (the derived sizes are dropped: they follow from the shape)."""
+        shape = {k: v for k, v in data["shape"].items() if k not in ("new_rows", "vocab_size")}
+        return cls(**{**data, "shape": Shape(**shape)})
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The artifacts in the work directory."""
+
+    root: Path
+
+    @property
+    def params(self) -> Path:
+        return self.root / PARAMS_NAME
+
+    @property
+    def token_space(self) -> Path:
+        return self.root / "token_space.json"
+
+    @property
+    def base(self) -> Path:
+        return self.root / "base"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "merged"
+
+    @property
+    def legacy(self) -> Path:
+        return self.root / "legacy"
+
+    @property
+    def legacy_pt(self) -> Path:
+        return self.legacy / "trainable_rows.pt"
+
+    def scratch(self, name: str) -> Path:
+        return self.root / "scratch" / name
+
+    def merge_base(self, params: "Params", layers: int) -> Path:
+        """The base merged with ``layers`` decoder layers (the main base when the layer counts agree)."""
+        return self.base if layers == params.shape.layers else self.root / f"merge-base-{layers}L"

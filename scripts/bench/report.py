@@ -1,0 +1,347 @@
+"""From the runner's raw results to ``bench.json`` (machine, parameters, one section per measured group, raw
+repetitions, the table of targets and informational rows) and ``bench.md`` (the same table, formatted).
+
+The thresholds of the targets live here, next to the rows that check them."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from typing import Any, Optional
+
+import torch
+
+from .params import DTYPE_BYTES, MB, Params, Paths, Shape
+from .probes import RSS_METHOD, dir_bytes
+from .runner import Runner
+
+
+def median(values: list[float]) -> Optional[float]:
+    """The median, or None when a case gave no value (failed or timed out)."""
+    return statistics.median(values) if values else None
+
+
+def ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
+    """``num / den``, or None when either side is missing (or the denominator is 0)."""
+    return None if num is None or not den else num / den
+
+
+def target(name: str, ours: Any, reference: Any, value: Optional[float], limit: str, met: Optional[bool],
+           unit: str = "") -> dict[str, Any]:
+    """A table row with a threshold: ``met`` says whether ours meets it (None: not measured)."""
+    return {"measurement": name, "kind": "target", "ours": ours, "reference": reference, "ratio": value,
+            "target": limit, "met": met, "unit": unit}
+
+
+def info(name: str, ours: Any, reference: Any, value: Optional[float], unit: str = "", note: str = "") -> dict:
+    """A table row without a threshold: reported for comparison, never counted as met or missed."""
+    return {"measurement": name, "kind": "info", "ours": ours, "reference": reference, "ratio": value,
+            "target": note or "info", "met": None, "unit": unit}
+
+
+def ratio_target(name: str, ours: Optional[float], reference: Optional[float], limit: str, unit: str) -> dict:
+    """A target on the ratio ours / reference; ``limit`` is the bound as the table shows it (``"<= 1.10"``), and
+    the bound checked is read from that text, so that the two cannot disagree."""
+    value, bound = ratio(ours, reference), float(limit.removeprefix("<= "))
+    return target(name, ours, reference, value, limit, None if value is None else value <= bound, unit)
+
+
+def head_matrix_bytes(shape: Shape) -> int:
+    """Bytes of one extended embedding or lm_head matrix (vocab_size x hidden, bf16)."""
+    return shape.vocab_size * shape.hidden * DTYPE_BYTES
+
+
+def rows_bytes_of(shape: Shape) -> int:
+    """Bytes of the adapter's new rows: new_rows x hidden, bf16, in the embedding and in the untied lm_head."""
+    return 2 * shape.new_rows * shape.hidden * DTYPE_BYTES
+
+
+def load_section(runner: Runner, params: Params) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """bench.json's ``load`` section and its rows: medians per load case, the legacy-defaults result, and
+    whether every load gave the same logits."""
+    cases = {k: f"load-{k.replace('_', '-')}" for k in ("ours", "merged", "legacy_nomean")}
+    med = {k: {key: median(runner.values(c, key)) for key in
+               ("seconds", "load_s", "forward_s", "steady_rss_bytes", "peak_rss_bytes", "steady_rss_anon_bytes",
+                "steady_rss_file_bytes", "rss_after_imports_bytes")} for k, c in cases.items()}
+    legacy = dict(runner.first("load-legacy"))
+    if legacy.get("timed_out"):  # stopped by kill_after(): the load ran for exactly legacy_timeout seconds
+        legacy["seconds_lower_bound"] = params.legacy_timeout
+    head_bytes = head_matrix_bytes(params.shape)
+    digests = {case: {result.get("logits_sha256") for result in runner.results.get(case, [])} for case in
+               ("load-ours", "load-merged", "load-legacy-nomean", "load-legacy")}
+    section = {
+        "medians": med,
+        "legacy_defaults": legacy,
+        "head_matrix_bytes": head_bytes,
+        "rss_method": RSS_METHOD,
+        "last_token_logits_sha256": {k: sorted(x for x in v if x) for k, v in digests.items()},
+        "logits_identical_ours_merged_legacy": len(set().union(*(v for k, v in digests.items()
+                                                                   if k != "load-legacy")) - {None}) == 1,
+    }
+    return section, load_rows(med, legacy, head_bytes)
+
+
+def load_rows(med: dict[str, dict[str, Any]], legacy: dict[str, Any], head_bytes: int) -> list[dict[str, Any]]:
+    """The load table rows: time and memory of ours vs merged (targets) and vs the legacy loader (info)."""
+    o, m, nomean = med["ours"], med["merged"], med["legacy_nomean"]
+    legacy_s, legacy_bound = legacy.get("seconds"), legacy.get("seconds_lower_bound")
+    rows = [ratio_target("load + forward time (s): ours vs merged", o["seconds"], m["seconds"], "<= 1.15", "s")]
+    label = "load + forward time: legacy (transformers defaults: mean_resizing) vs ours"
+    if legacy_s is not None:
+        rows.append(info(label, legacy_s, o["seconds"], ratio(legacy_s, o["seconds"]), "s", "info (legacy/ours)"))
+    elif legacy_bound is not None:
+        rows.append(info(label, f">= {legacy_bound:g} s (timed out)", o["seconds"], ratio(legacy_bound, o["seconds"]),
+                         "s", "info: legacy/ours is at least this"))
+    else:
+        rows.append(info(label, "n/a (failed, see load.legacy_defaults)", o["seconds"], None, "s"))
+    rows.append(info("load + forward time: legacy (mean_resizing=False) vs ours", nomean["seconds"],
+                     o["seconds"], ratio(nomean["seconds"], o["seconds"]), "s", "info (legacy/ours)"))
+    rows.append(ratio_target("steady RSS after load + forward: ours vs merged", o["steady_rss_bytes"],
+                             m["steady_rss_bytes"], "<= 1.10", "bytes"))
+    for part, key in (("private (RssAnon)", "steady_rss_anon_bytes"),
+                      ("file-backed (RssFile)", "steady_rss_file_bytes")):
+        rows.append(info(f"  of which {part}: ours vs merged", o[key], m[key], ratio(o[key], m[key]), "bytes"))
+    limit = None if m["peak_rss_bytes"] is None else m["peak_rss_bytes"] + head_bytes
+    met = None if limit is None or o["peak_rss_bytes"] is None else o["peak_rss_bytes"] <= limit
+    rows.append(target("peak RSS during load + forward: ours vs merged", o["peak_rss_bytes"], m["peak_rss_bytes"],
+                       ratio(o["peak_rss_bytes"], m["peak_rss_bytes"]),
+                       f"ours <= merged + one head matrix ({head_bytes:,} B)", met, "bytes"))
+    rows.append(info("peak RSS: legacy (mean_resizing=False) vs ours", nomean["peak_rss_bytes"],
+                     o["peak_rss_bytes"], ratio(nomean["peak_rss_bytes"], o["peak_rss_bytes"]), "bytes",
+                     "info (legacy/ours)"))
+    return rows
+
+
+def inference_section(runner: Runner, params: Params) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """bench.json's ``inference`` section and its rows: prefill and decode medians, ours vs merged."""
+    result = runner.first("inference")
+    raw = result.get("raw", {})
+    med = {name: {k: median(v) for k, v in phases.items()} for name, phases in raw.items()}
+    rows = []
+    for phase, label in (("prefill_s", f"prefill {params.prefill_tokens} tokens"),
+                         ("decode_s", f"decode {params.decode_steps} steps (KV cache)")):
+        o = med.get("ours", {}).get(phase)
+        m = med.get("merged", {}).get(phase)
+        rows.append(ratio_target(f"{label} (s): ours vs merged", o, m, "<= 1.05", "s"))
+    section = {"medians": med, "raw": raw, "same_greedy_tokens": result.get("same_tokens"),
+               "error": result.get("error") or result.get("timed_out")}
+    return section, rows
+
+
+def training_section(runner: Runner, shape: Shape) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """bench.json's ``training`` section and its rows: step time and gradient + optimizer-state bytes,
+    ours vs the legacy recipe, and ours vs the rows-only expectation."""
+    ours, legacy = runner.first("train-ours"), runner.first("train-legacy")
+    rows_bytes = rows_bytes_of(shape)
+    # gradient + AdamW exp_avg + exp_avg_sq, each rows-shaped; plus one fp32 'step' scalar per parameter
+    expected = 3 * rows_bytes + 2 * 4
+    o_s, l_s = median(ours.get("step_s", [])), median(legacy.get("step_s", []))
+    rows = [
+        ratio_target("training step time (s): ours vs legacy", o_s, l_s, "<= 0.8", "s"),
+        target("gradient + optimizer state bytes: ours vs rows-only expectation", ours.get("state_bytes"), expected,
+               ratio(ours.get("state_bytes"), expected), "ours == 3 x rows bytes + 2 step scalars",
+               None if "state_bytes" not in ours else ours["state_bytes"] == expected, "bytes"),
+        info("gradient + optimizer state bytes: legacy vs ours", legacy.get("state_bytes"), ours.get("state_bytes"),
+             ratio(legacy.get("state_bytes"), ours.get("state_bytes")), "bytes", "info (legacy/ours)"),
+        info("training process peak RSS: legacy vs ours", legacy.get("peak_rss_bytes"), ours.get("peak_rss_bytes"),
+             ratio(legacy.get("peak_rss_bytes"), ours.get("peak_rss_bytes")), "bytes", "info (legacy/ours)"),
+    ]
+    section = {"ours": ours, "legacy": legacy, "rows_bytes": rows_bytes, "expected_ours_state_bytes": expected,
+               "ours_recipe": "PeftModel.from_pretrained(base, adapter, is_trainable=True); AdamW(lr=1e-4) over "
+                              "the trainable parameters (the two row blocks)",
+               "legacy_recipe": "the resized model (loaded from the merged checkpoint: same weights as resize, "
+                                "resize, copy rows), requires_grad only on embed_tokens.weight and lm_head.weight, "
+                                "tensor hook grad.clone(); grad[:text_vocab_size] = 0; AdamW(lr=1e-4) over them",
+               "timing": "median over reps steps after one warm-up step; a step = forward with labels, backward, "
+                         "optimizer.step(), zero_grad(set_to_none=True)"}
+    return section, rows
+
+
+def size_section(runner: Runner, paths: Paths, shape: Shape) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """bench.json's ``size_and_conversion`` section and its rows: adapter bytes vs the rows' bytes and
+    vs PEFT's modules_to_save, and convert_legacy time vs a plain torch.load + save_file."""
+    rows_bytes = rows_bytes_of(shape)
+    modules_to_save = 2 * head_matrix_bytes(shape)
+    adapter = dir_bytes(paths.adapter)
+    files = {p.name: p.stat().st_size for p in sorted(paths.adapter.iterdir()) if p.is_file()}
+    conv, plain = runner.values("convert-ours", "seconds"), runner.values("convert-plain", "seconds")
+    rows = [
+        target("adapter directory size: ours vs rows bytes", adapter, rows_bytes, ratio(adapter, rows_bytes),
+               "<= rows + 1 MB (1,000,000 B)", adapter <= rows_bytes + MB, "bytes"),
+        info("PEFT modules_to_save alternative vs our adapter dir", modules_to_save, adapter,
+             ratio(modules_to_save, adapter), "bytes", "info (2 full vocab x hidden bf16 matrices, from shapes)"),
+        ratio_target("convert_legacy time (s): ours vs torch.load + save_file", median(conv), median(plain),
+                     "<= 1.5", "s"),
+    ]
+    section = {"adapter_dir_bytes": adapter, "adapter_files": files, "rows_bytes": rows_bytes,
+               "modules_to_save_bytes": modules_to_save, "legacy_pt_bytes": paths.legacy_pt.stat().st_size,
+               "base_dir_bytes": dir_bytes(paths.base), "merged_dir_bytes": dir_bytes(paths.merged),
+               "convert_ours_s": conv, "convert_plain_s": plain}
+    return section, rows
+
+
+def merge_section(runner: Runner, params: Params) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """bench.json's ``merge`` section and its rows, per ``merge_layers`` count: time and peak RSS of
+    uti-peft merge vs PEFT's, and whether both wrote the same tensors."""
+    largest = head_matrix_bytes(params.shape)  # the extended embedding / lm_head
+    limit = 2 * largest + 512 * 2**20
+    rows, section = [], {"largest_merged_tensor_bytes": largest, "peak_rss_limit_bytes": limit, "layers": {}}
+    for layers in params.merge_layers:
+        ours, peft = f"merge-ours-{layers}L", f"merge-peft-{layers}L"
+        o_s, p_s = median(runner.values(ours, "seconds")), median(runner.values(peft, "seconds"))
+        o_rss, p_rss = median(runner.values(ours, "peak_rss_bytes")), median(runner.values(peft, "peak_rss_bytes"))
+        rows.append(ratio_target(f"merge + write, {layers} layer(s) (s): uti-peft merge vs PEFT merge_and_unload + "
+                                 "save_pretrained", o_s, p_s, "<= 0.5", "s"))
+        rows.append(target(f"merge peak RSS, {layers} layer(s): uti-peft merge vs 2 x largest merged tensor + 512 MiB",
+                           o_rss, limit, ratio(o_rss, limit), f"<= {limit:,} B", None if o_rss is None else
+                           o_rss <= limit, "bytes"))
+        rows.append(info(f"merge peak RSS, {layers} layer(s): PEFT vs uti-peft merge", p_rss, o_rss,
+                         ratio(p_rss, o_rss), "bytes", "info (peft/ours)"))
+        digests = {r.get("tensors_sha256") for case in (ours, peft) for r in runner.results.get(case, [])}
+        section["layers"][str(layers)] = {
+            "ours_s": o_s, "peft_s": p_s, "ours_peak_rss_bytes": o_rss, "peft_peak_rss_bytes": p_rss,
+            "ours_written_bytes": median(runner.values(ours, "written_bytes")),
+            "peft_written_bytes": median(runner.values(peft, "written_bytes")),
+            "tensors_identical": len(digests) == 1 and None not in digests,
+        }
+    return section, rows
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, cores, RAM and library versions: what a timing depends on besides the code."""
+    import peft
+    import safetensors
+    import transformers
+
+    cpu = "unknown"
+    flags: set[str] = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name") and cpu == "unknown":
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    with open("/proc/meminfo") as f:
+        mem_total = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
+    return {
+        "cpu_model": cpu,
+        "cpu_flags_of_note": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma"}),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+        "ram_bytes": mem_total,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "safetensors": safetensors.__version__,
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def fmt(value: Any, unit: str) -> str:
+    """One table cell: bytes as MB, seconds with 3 decimals, text as it is, None as n/a."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, str):
+        return value
+    if unit == "bytes":
+        return f"{value / 1e6:,.1f} MB"
+    if unit == "s":
+        return f"{value:.3f} s"
+    return f"{value:,}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """bench.md: the machine and shape in two sentences, the table, the memory method, the notes, setup times."""
+    p = report["parameters"]
+    s = p["shape"]
+    m = report["machine"]
+    lines = [
+        "# uti-peft benchmark" + (" (--quick: tiny shapes, timings meaningless)" if p["quick"] else ""),
+        "",
+        f"{m['cpu_model']}, {m['cores_usable']} cores, {m['ram_bytes'] / 2**30:.0f} GiB RAM; torch {m['torch']}, "
+        f"transformers {m['transformers']}, peft {m['peft']}. Load average {m['loadavg_start']} -> "
+        f"{m.get('loadavg_end')}.",
+        "",
+        f"Qwen3, {s['layers']} decoder layer(s) (hidden {s['hidden']}, intermediate {s['intermediate']}, "
+        f"{s['heads']}/{s['kv_heads']} heads, head_dim {s['head_dim']}), base rows {s['vocab_rows']:,}, "
+        f"text {s['text_vocab']:,} + new {s['new_rows']:,} = {s['vocab_size']:,} rows, {p['dtype']}, untied. "
+        f"Medians of {p['reps']} repetition(s); prefill {p['prefill_tokens']} tokens, decode {p['decode_steps']} "
+        f"steps, training batch 1 x {p['train_seq_len']}.",
+        "",
+        "| measurement | ours | reference | ratio | target | met? |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in report["table"]:
+        met = {True: "yes", False: "**no**", None: "-"}[row["met"]]
+        value = "n/a" if row["ratio"] is None else f"{row['ratio']:.3f}"
+        lines.append(f"| {row['measurement']} | {fmt(row['ours'], row['unit'])} | "
+                     f"{fmt(row['reference'], row['unit'])} | {value} | {row['target']} | {met} |")
+    lines += ["", f"Memory: {RSS_METHOD}", "", "Notes:", ""]
+    lines += [f"- {note}" for note in report["notes"]]
+    setup = ", ".join(f"{k} {v:.1f}" for k, v in report["setup_s"].items())
+    lines += ["", f"Setup (s): {setup}. Total bench time: {report['bench_wall_s']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def notes(params: Params) -> list[str]:
+    """What this run does differently from the issue's wording, and why (also printed in bench.md)."""
+    shape = params.shape
+    out = [
+        f"{shape.layers} decoder layer(s) of Qwen3-8B's shapes instead of 36: the embedding and lm_head are what "
+        "differ between the cases; fewer layers make the ratios stricter (smaller denominators), not looser.",
+        "Legacy loads (transformers defaults, and mean_resizing=False) run once each; the defaults one is stopped "
+        f"after {params.legacy_timeout:g} s and reported as a lower bound.",
+        "All load cases import the same modules (torch, transformers, peft, uti_peft), so their RSS baselines match.",
+        "Training, ours: PeftModel.from_pretrained(base, adapter, is_trainable=True) (get_peft_model's layers; "
+        "its from-scratch row init is timed in setup_s.get_peft_model_s). Legacy: the resized model is loaded from "
+        "the merged checkpoint (bit-identical weights to resize + resize + copy rows, see the logits digests).",
+        f"Training batch 1 x {params.train_seq_len}, {params.train_steps} timed step(s) after a "
+        + ("full warm-up step." if params.full_warmup else "warm-up of one forward + one optimizer step on zero "
+           "gradients (allocates the AdamW state and faults the weights in without paying for a backward)."),
+        f"Inference: prefill {params.prefill_tokens} tokens (last-token logits only, as generate() does) and "
+        f"{params.decode_steps} greedy decode steps with the KV cache, explicit loop; ours and merged alternate.",
+    ]
+    out.append(f"Merge: the rows-only adapter into bases of {', '.join(map(str, params.merge_layers))} "
+               "decoder layer(s); uti-peft merge streams the shards (unchanged tensors copied by the kernel), PEFT's way loads the "
+               "base (memory-mapped), merges and saves. The bases have no tokenizer, so neither writes one. The "
+               "machine is shared: timings are noisy.")
+    if not params.quick:
+        out.append("On CPUs without native bf16 (AVX2), PyTorch's bf16 matmul grad_out @ weight with K = vocab (the "
+                   "lm_head's input gradient) runs at ~0.3 GFLOP/s (~20 s per token at this shape): the legacy recipe "
+                   "pays it, uti-peft's backward accumulates that product in float32 blocks on the CPU instead; hence "
+                   "the short default sequence. Issue sizes on a bigger machine: --prefill-tokens 512 "
+                   "--decode-steps 32 --train-seq-len 512 --train-steps 3 --full-warmup.")
+    return out
+
+
+def build_report(runner: Runner, paths: Paths, params: Params, setup: dict, started: float) -> dict[str, Any]:
+    """bench.json: every section, the raw results, the table and the count of targets met."""
+    load, load_rows = load_section(runner, params)
+    infer, infer_rows = inference_section(runner, params)
+    train, train_rows = training_section(runner, params.shape)
+    size, size_rows = size_section(runner, paths, params.shape)
+    merge, merge_rows = merge_section(runner, params)
+    table = load_rows + infer_rows + train_rows + size_rows + merge_rows
+    targets = [row for row in table if row["kind"] == "target"]
+    return {
+        "machine": machine_info(),
+        "parameters": params.to_dict(),
+        "notes": notes(params),
+        "setup_s": setup,
+        "load": load,
+        "inference": infer,
+        "training": train,
+        "size_and_conversion": size,
+        "merge": merge,
+        "raw": runner.results,
+        "table": table,
+        "targets_met": sum(bool(row["met"]) for row in targets),
+        "targets_total": len(targets),
+        "targets_missed": [row["measurement"] for row in targets if row["met"] is not True],
+        "bench_wall_s": time.perf_counter() - started,
+    }

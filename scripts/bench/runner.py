@@ -1,0 +1,101 @@
+"""The parent side: the measurement schedule, and running it in fresh child processes of the entry point
+(``python scripts/bench.py --workdir W --case NAME ...``), collecting each case's JSON line, its repetitions, and
+a timeout or crash as a result of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .params import Params
+
+# the entry point the child processes run: scripts/bench.py, beside this package
+ENTRY_POINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench.py")
+
+
+def spawn(names: list[str], workdir: Path, timeout: float) -> list[dict[str, Any]]:
+    """Run cases in one fresh ``python scripts/bench.py --case ...`` process; a case that did not report
+    (timeout, crash) comes back as ``{"timed_out": ...}`` / ``{"error": ...}``."""
+    cmd = [sys.executable, ENTRY_POINT, "--workdir", str(workdir)]
+    for name in names:
+        cmd += ["--case", name]
+    start = time.perf_counter()
+    limit = None
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        stdout, stderr, failure = proc.stdout, proc.stderr, None if proc.returncode == 0 else proc.returncode
+        if proc.returncode == -signal.SIGALRM:  # kill_after() fired: the case ran out of its own time limit
+            failure, limit = "timeout", "case time limit"
+    except subprocess.TimeoutExpired as exc:
+        stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        stderr, failure, limit = "", "timeout", f"process timeout {timeout:g}s"
+    wall = time.perf_counter() - start
+    results = {}
+    for line in stdout.splitlines():
+        if line.startswith("{"):
+            data = json.loads(line)
+            results[data["case"]] = data
+    out = []
+    for name in names:
+        if name in results:
+            out.append({**results[name], "process_wall_s": wall})
+        elif failure == "timeout":
+            out.append({"case": name, "timed_out": True, "killed_by": limit})
+        else:
+            out.append({"case": name, "error": f"exit {failure}: {stderr.strip()[-2000:]}"})
+    print(f"  {' + '.join(names)}: {wall:.1f}s" + (f" ({failure})" if failure else ""), file=sys.stderr, flush=True)
+    return out
+
+
+class Runner:
+    """Runs the schedule: one fresh process per case (full), or all cases in a single child process
+    (--quick, where the ~8 s interpreter + import start-up of each process would dominate)."""
+
+    def __init__(self, workdir: Path, params: Params):
+        self.workdir, self.params = workdir, params
+        self.results: dict[str, list[dict[str, Any]]] = {}
+
+    def run(self, steps: list[tuple[str, float]]) -> None:
+        """Run the steps, appending each case's result to its list in ``results`` (repetitions in order)."""
+        if self.params.quick:
+            batches = [([name for name, _ in steps], sum(timeout for _, timeout in steps))]
+        else:
+            batches = [([name], timeout) for name, timeout in steps]
+        for names, timeout in batches:
+            for result in spawn(names, self.workdir, timeout):
+                self.results.setdefault(result["case"], []).append(result)
+
+    def values(self, case: str, key: str) -> list[float]:
+        """The ``key`` of every repetition of ``case`` that has it (failed repetitions have not)."""
+        return [r[key] for r in self.results.get(case, []) if key in r]
+
+    def first(self, case: str) -> dict[str, Any]:
+        """The first result of ``case`` (an empty dict when it never ran)."""
+        return (self.results.get(case) or [{}])[0]
+
+
+def alternating(pair: list[str], reps: int, timeout: float) -> list[tuple[str, float]]:
+    """``reps`` repetitions of ours and its reference, the one that goes first swapping each time (ABBA...), so
+    that neither always runs in the same position (warm caches, load of a shared machine)."""
+    return [(name, timeout) for rep in range(reps) for name in (pair if rep % 2 == 0 else pair[::-1])]
+
+
+def schedule(params: Params) -> list[tuple[str, float]]:
+    """The measurement plan as (case, process timeout) steps; ours and the reference alternate which goes
+    first from one repetition to the next."""
+    budget = 600.0 if not params.quick else 120.0
+    steps = alternating(["load-ours", "load-merged"], params.reps, budget)
+    steps.append(("load-legacy-nomean", budget))  # informational, once
+    steps += [("inference", budget), ("train-ours", budget), ("train-legacy", budget)]
+    steps += alternating(["convert-ours", "convert-plain"], params.reps, budget)
+    for layers in params.merge_layers:
+        steps += alternating([f"merge-ours-{layers}L", f"merge-peft-{layers}L"], params.reps, budget)
+    # last (so that in --quick's single process nothing runs after it): it ends itself after --legacy-timeout
+    steps.append(("load-legacy", params.legacy_timeout + 120.0))
+    return steps

@@ -1,0 +1,139 @@
+"""The checkpoints every case reads, built once in the work dir by the parent before any case runs: a Qwen3 base of
+the benchmark's shape (no download, no slow init), the adapter, the merged and the legacy checkpoints, and one
+base per ``--merge-layers`` count. A ``--workdir`` prepared earlier for the same shape and seed is reused."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import shutil
+import time
+from dataclasses import replace
+from typing import Iterator
+
+import torch
+
+from .params import DTYPE, Params, Paths, Shape
+
+
+def qwen3_config(shape: Shape):
+    """A Qwen3 config of ``shape``, with Qwen3-8B's other settings (rope, norm eps, untied)."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=shape.vocab_rows,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        head_dim=shape.head_dim,
+        max_position_embeddings=40_960,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
+
+
+def fill_pseudo_random(tensor: torch.Tensor, pool: torch.Tensor, generator: torch.Generator) -> None:
+    """Fill with slices of a random pool at random offsets: N(0, 0.02²)-like values at memcpy speed (a plain
+    ``normal_`` over the 1.3 G parameters takes ~30 s here, and the values do not matter for timing)."""
+    flat = tensor.view(-1)
+    chunk = pool.numel() // 2
+    for start in range(0, flat.numel(), chunk):
+        n = min(chunk, flat.numel() - start)
+        offset = int(torch.randint(0, pool.numel() - n + 1, (1,), generator=generator))
+        flat[start : start + n].copy_(pool[offset : offset + n])
+
+
+def build_base(shape: Shape, seed: int):
+    """A bf16, untied Qwen3ForCausalLM of ``shape``, built without a download and without the slow init."""
+    from transformers import Qwen3ForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: pay for the init
+        no_init_weights = contextlib.nullcontext
+    with no_init_weights():
+        model = Qwen3ForCausalLM._from_config(qwen3_config(shape), dtype=DTYPE)
+    generator = torch.Generator().manual_seed(seed)
+    pool = (torch.randn(1 << 22, generator=generator) * 0.02).to(DTYPE)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                fill_pseudo_random(param.data, pool, generator)
+            else:
+                param.data.fill_(1.0)  # RMSNorm weights
+    model.config.dtype = DTYPE
+    return model.eval()
+
+
+def prepare_workdir(paths: Paths, params: Params) -> dict[str, float]:
+    """Build and save the base, the adapter, the merged checkpoint and the legacy checkpoint; returns timings.
+
+    Reuses a work dir prepared earlier for the same shape (``--workdir`` given twice)."""
+    if paths.params.is_file():
+        old = Params.from_dict(json.loads(paths.params.read_text()))
+        ready = all(p.exists() for p in (paths.base, paths.adapter, paths.merged, paths.legacy_pt))
+        if old.shape == params.shape and old.seed == params.seed and ready:
+            paths.params.write_text(json.dumps(params.to_dict(), indent=1))
+            return {"reused": 1.0}
+    from peft import get_peft_model
+
+    import uti_peft
+    from uti_peft.tiny import build_token_space
+
+    for p in (paths.base, paths.adapter, paths.merged, paths.legacy, paths.root / "scratch"):
+        shutil.rmtree(p, ignore_errors=True)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    shape, timings = params.shape, {}
+
+    @contextlib.contextmanager
+    def timed(name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        timings[name] = time.perf_counter() - start
+
+    space = build_token_space(
+        shape.text_vocab, special_size=shape.special, image_size=shape.image,
+        n_codebooks=shape.codebooks, codebook_size=shape.codebook_size,
+    )
+    assert space.vocab_size == shape.vocab_size, (space.vocab_size, shape.vocab_size)
+    space.save(str(paths.token_space))
+    with timed("build_base_s"):
+        base = build_base(shape, params.seed)
+    with timed("save_base_s"):
+        base.save_pretrained(paths.base)
+    base.name_or_path = str(paths.base)  # what PEFT records as the adapter's base_model_name_or_path
+    config = uti_peft.RowExtensionConfig(token_space=space, base_model_name_or_path=str(paths.base))
+    with timed("get_peft_model_s"):  # includes the from-scratch row init (text-row statistics)
+        model = get_peft_model(base, config)
+    with timed("save_adapter_s"):
+        model.save_pretrained(paths.adapter)
+    with timed("merge_s"):
+        merged = model.merge_and_unload()
+    with timed("save_merged_s"):
+        merged.save_pretrained(paths.merged)
+    del model, merged, base
+    gc.collect()
+    with timed("export_legacy_s"):
+        uti_peft.export_legacy(paths.adapter, paths.legacy, progress=False)
+    paths.params.write_text(json.dumps(params.to_dict(), indent=1))
+    return timings
+
+
+def prepare_merge_bases(paths: Paths, params: Params) -> dict[str, float]:
+    """Save a base of each ``merge_layers`` count that the main base is not (kept when already there)."""
+    timings = {}
+    for layers in params.merge_layers:
+        path = paths.merge_base(params, layers)
+        if (path / "config.json").is_file():
+            continue
+        start = time.perf_counter()
+        base = build_base(replace(params.shape, layers=layers), params.seed)
+        base.save_pretrained(path)
+        del base
+        gc.collect()
+        timings[f"build_save_merge_base_{layers}L_s"] = time.perf_counter() - start
+    return timings
