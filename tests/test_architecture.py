@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Lowest first. A module may import from its own layer (without a cycle) and from the layers below it.
@@ -17,7 +19,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("I/O and tasks", {
         "uti_peft.card", "uti_peft.hub", "uti_peft.legacy", "uti_peft.data", "uti_peft.evaluation",
         "uti_peft.generation", "uti_peft.tokenizer", "uti_peft.training", "uti_peft.distributed",
-        "uti_peft.output_dir", "uti_peft.demo", "uti_peft.merge",
+        "uti_peft.output_dir", "uti_peft.demo", "uti_peft.merge", "uti_peft.adapter_folder",
     }),
     ("the import hook, which registers the method when peft is first used", {"uti_peft_autoload"}),
     ("command line", {"uti_peft.cli"}),
@@ -57,7 +59,8 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
 
 def layer_of(name: str) -> int:
     for index, (_, members) in enumerate(LAYERS):
-        if any(name == m or name.startswith(m + ".") for m in members):
+        # a listed package holds its submodules, except the top package, which would hold every module
+        if any(name == m or (m != "uti_peft" and name.startswith(m + ".")) for m in members):
             return index
     raise AssertionError(f"{name} is in no layer: add it to LAYERS (and docs/architecture.md)")
 
@@ -95,6 +98,12 @@ def test_no_import_cycles():
         if node not in state:
             visit(node, [node])
     assert not cycles, "\n".join(cycles)
+
+
+def test_a_module_in_no_layer_is_refused():
+    with pytest.raises(AssertionError, match="is in no layer"):
+        layer_of("uti_peft.some_new_module")
+    assert layer_of("uti_peft") == len(LAYERS) - 1 and layer_of("uti_peft.row_extension.model") == 2
 
 
 def test_the_walker_sees_function_level_and_relative_imports(tmp_path):

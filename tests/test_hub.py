@@ -41,7 +41,7 @@ from uti_peft.errors import (
     WrongAdapterTypeError,
 )
 from uti_peft.adapter_location import locate_adapter
-from uti_peft.hub import check_adapter_folder
+from uti_peft.adapter_folder import check_adapter_folder
 from uti_peft.row_extension.base_check import check_base_model, same_model_name
 from uti_peft.tiny import build_tiny_qwen3, tiny_token_space
 

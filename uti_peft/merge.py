@@ -44,7 +44,7 @@ from .constants import CARD_NAME, INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, TOKEN_SPACE_N
 from .errors import MergeError, RowExtensionError
 from .files import SAFETENSORS_DTYPES, dtype_from_name, file_sha256, read_safetensors_header
 from .adapter_location import explain_hub_error
-from .hub import AdapterFolder, check_adapter_folder
+from .adapter_folder import AdapterFolder, check_adapter_folder
 from .output import atomic_output, copy_range, write_all
 from .paths import looks_like_path
 from .row_extension.layer import mean_rows

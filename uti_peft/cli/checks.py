@@ -59,7 +59,7 @@ def writable_dir(value: str, option: str) -> str:
 def adapter_token_space(adapter: str, option: str):
     """The token space of an adapter (local directory or Hub id), read from its ``adapter_config.json`` only."""
     from ..adapter_location import locate_adapter
-    from ..hub import check_peft_type
+    from ..adapter_folder import check_peft_type
     from ..token_space import TokenSpace
 
     if not os.path.isdir(adapter):

@@ -178,7 +178,8 @@ def run_push(args: argparse.Namespace) -> int:
     from ..paths import hub_repo_id
 
     hub_repo_id(args.repo_id, "REPO_ID")
-    from ..hub import check_adapter_folder, push_adapter, use_request_timeout
+    from ..adapter_folder import check_adapter_folder
+    from ..hub import push_adapter, use_request_timeout
 
     folder = check_adapter_folder(args.adapter_dir)  # before any request
     use_request_timeout()

@@ -19,60 +19,33 @@ from ..constants import (
     TOKEN_SPACE_NAME,
     WEIGHTS_NAME,
 )
+from ..adapter_folder import check_adapter_folder
 from ..errors import LegacyCheckpointError
 from ..output import PathLike
 from ..row_extension.config import RowExtensionConfig
 from ..token_space import TokenSpace
-from .checkpoint import _atomic_output, _bar, _check_target, _read_json, _token_space_mismatch, read_legacy
+from .checkpoint import _atomic_output, _bar, _check_target, read_legacy
 from .verify import _verify_written
 
 # ---------------------------------------------------------------------------------------- export
 def read_adapter(adapter_dir: PathLike) -> tuple[RowExtensionConfig, TokenSpace, dict[str, torch.Tensor]]:
-    """Read and validate a row-extension adapter directory (local only, nothing is downloaded).
-
-    Returns the config, the token space (from ``token_space.json`` when present, so that its key order is
-    kept; it must equal the one inside ``adapter_config.json``) and the rows.
-    """
-    adapter_dir = os.path.normpath(os.fspath(adapter_dir))
-    config_path = os.path.join(adapter_dir, ADAPTER_CONFIG_NAME)
-    weights_path = os.path.join(adapter_dir, WEIGHTS_NAME)
-    if not os.path.isfile(config_path):
-        raise LegacyCheckpointError(f"{adapter_dir}: not an adapter directory ({ADAPTER_CONFIG_NAME} is missing)")
-    raw = _read_json(config_path, ADAPTER_CONFIG_NAME)
-    if raw.get("peft_type") != "ROW_EXTENSION":
-        raise LegacyCheckpointError(f"{config_path}: peft_type is {raw.get('peft_type')!r}, expected 'ROW_EXTENSION'")
-    config = RowExtensionConfig.from_pretrained(adapter_dir)  # the file exists locally: no Hub access
-    space = config.get_token_space()
-    space_path = os.path.join(adapter_dir, TOKEN_SPACE_NAME)
-    if os.path.isfile(space_path):
-        space_file = TokenSpace.from_file(space_path)
-        mismatch = _token_space_mismatch(space, space_file)
-        space = space_file
-        if mismatch:
-            raise LegacyCheckpointError(f"{config_path}: its token_space differs from {space_path}: {mismatch}")
-    if not os.path.isfile(weights_path):
-        raise LegacyCheckpointError(f"{adapter_dir}: {WEIGHTS_NAME} is missing")
-    try:
-        rows = load_file(weights_path)
-    except Exception as exc:
-        raise LegacyCheckpointError(f"{weights_path}: cannot be read, truncated or corrupt ({exc})") from None
-    if INPUT_ROWS_KEY not in rows or set(rows) - {INPUT_ROWS_KEY, OUTPUT_ROWS_KEY}:
-        raise LegacyCheckpointError(
-            f"{weights_path}: expected {INPUT_ROWS_KEY!r} (and optionally {OUTPUT_ROWS_KEY!r}), found {sorted(rows)}"
-        )
+    """Read a row-extension adapter directory for export (local only, nothing is downloaded): validated by
+    `check_adapter_folder`, then the rows, which a legacy checkpoint needs as input rows (plus optional head rows)
+    of one shape and dtype. Returns the config, the token space (from ``token_space.json``, whose key order the
+    export keeps) and the rows."""
+    folder = check_adapter_folder(adapter_dir)
+    weights_path = os.path.join(folder.path, WEIGHTS_NAME)
+    rows = load_file(weights_path)
+    if INPUT_ROWS_KEY not in rows:
+        raise LegacyCheckpointError(f"{weights_path}: a legacy checkpoint needs {INPUT_ROWS_KEY!r}, found {sorted(rows)}")
     embeddings = rows[INPUT_ROWS_KEY]
     for key, tensor in rows.items():
-        if tensor.dim() != 2 or not tensor.is_floating_point() or tensor.shape[0] != config.num_new_rows:
-            raise LegacyCheckpointError(
-                f"{weights_path}: {key} is {list(tensor.shape)} {tensor.dtype}; expected a float tensor of "
-                f"vocab_size - text_vocab_size = {config.num_new_rows} rows"
-            )
-        if tensor.shape != embeddings.shape or tensor.dtype != embeddings.dtype:
+        if not tensor.is_floating_point() or tensor.dtype != embeddings.dtype:
             raise LegacyCheckpointError(
                 f"{weights_path}: {key} is {list(tensor.shape)} {tensor.dtype} but {INPUT_ROWS_KEY} is "
-                f"{list(embeddings.shape)} {embeddings.dtype}; a legacy checkpoint holds one shape and dtype"
+                f"{list(embeddings.shape)} {embeddings.dtype}; a legacy checkpoint holds one float dtype"
             )
-    return config, space, rows
+    return folder.config, TokenSpace.from_file(os.path.join(folder.path, TOKEN_SPACE_NAME)), rows
 
 
 def export_legacy(

@@ -8,12 +8,12 @@ import warnings
 from typing import Any, Optional, Union
 
 from peft.utils import CONFIG_NAME as ADAPTER_CONFIG_NAME
-from safetensors import safe_open
 
 from ..card import CARD_NAME
 from ..constants import LEGACY_JSON_NAME, LEGACY_PT_NAME, OUTPUT_ROWS_KEY, TOKEN_SPACE_NAME, WEIGHTS_NAME
+from ..adapter_folder import check_adapter_folder
 from ..errors import LegacyCheckpointError
-from ..files import SAFETENSORS_DTYPES
+from ..files import SAFETENSORS_DTYPES, read_safetensors_header
 from ..output import PathLike
 from ..token_space import TokenSpace, is_plain_int
 from .checkpoint import _check_json_agreement, _check_token_space, _dtype_name, _load_weights_only, _read_json, _resolve_checkpoint, _resolve_token_space, _validate_pt
@@ -102,17 +102,21 @@ def _inspect_adapter(adapter_dir: str) -> dict[str, Any]:
             )
     except ValueError as exc:
         problems.append(str(exc))
+    try:
+        check_adapter_folder(adapter_dir)
+    except ValueError as exc:  # listed, not raised: inspect says what is there and what is wrong
+        problems.append(str(exc))
     tensors: dict[str, str] = {}
     hidden = dtype = None
     weights_path = os.path.join(adapter_dir, WEIGHTS_NAME)
     try:
-        with safe_open(weights_path, framework="pt") as f:
-            for key in f.keys():
-                piece = f.get_slice(key)
-                shape, dtype = piece.get_shape(), _dtype_name(SAFETENSORS_DTYPES.get(piece.get_dtype(), piece.get_dtype()))
+        header = read_safetensors_header(weights_path)
+        for key, entry in sorted(header.items()):
+            if key != "__metadata__":
+                shape, dtype = entry["shape"], _dtype_name(SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"]))
                 tensors[key] = f"{shape} {dtype}"
                 hidden = shape[-1] if len(shape) == 2 else hidden
-    except Exception as exc:
+    except (OSError, ValueError) as exc:
         problems.append(f"{weights_path}: cannot be read ({exc})")
     text, total = raw.get("text_vocab_size"), raw.get("vocab_size")
     return {
