@@ -8,7 +8,7 @@ import json
 import pytest
 
 from uti_peft import TokenSpace, TokenSpaceError
-from uti_peft.tiny import build_token_space
+from uti_peft.tiny import build_token_space, tiny_token_space
 
 
 @pytest.fixture
@@ -129,3 +129,17 @@ def test_modality_of_id(real_shaped):
     assert real_shaped.modality_of_id(151_669) == "special"
     assert real_shaped.modality_of_id(159_925) == "audio"
     assert real_shaped.modality_of_id(164_021) is None
+
+
+def test_the_one_resolver_prefers_the_given_space_and_checks_it_against_the_directory(tmp_path):
+    from uti_peft.token_space import resolve_token_space
+
+    space = tiny_token_space()
+    assert resolve_token_space(None, tmp_path) is None  # nothing given, nothing in the directory
+    space.save(tmp_path / "token_space.json")
+    assert resolve_token_space(None, tmp_path).sha256() == space.sha256()
+    other = TokenSpace({**space.to_dict(), "version": "another"}, source="other")
+    assert resolve_token_space(other, tmp_path).to_dict()["version"] == "another"  # given wins
+    with pytest.raises(TokenSpaceError, match=r"differs from .*token_space.json: 1 field\(s\) differ .*version"):
+        resolve_token_space(other, tmp_path, must_agree=True)
+    assert resolve_token_space(str(tmp_path / "token_space.json"), tmp_path, must_agree=True).sha256() == space.sha256()

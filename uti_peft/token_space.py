@@ -13,8 +13,9 @@ import hashlib
 import json
 import os
 import re
-from typing import Any, NamedTuple, Union
+from typing import Any, Iterator, NamedTuple, Optional, Union
 
+from .constants import TOKEN_SPACE_NAME
 from .errors import TokenSpaceError
 
 PAD_TOKEN = "<|pad_mm|>"
@@ -292,6 +293,50 @@ class TokenSpace:
                 raise TokenSpaceError(
                     f"{src}: ranges.{name}.size is {r.size} but audio_codec.codebook_size is {codebook_size}"
                 )
+
+
+def resolve_token_space(
+    given: Union[None, "TokenSpace", dict, str, os.PathLike] = None,
+    directory: Optional[Union[str, os.PathLike]] = None,
+    *,
+    must_agree: bool = False,
+) -> Optional["TokenSpace"]:
+    """The token space to use: ``given`` (a `TokenSpace`, its dict or a path), else ``token_space.json`` in
+    ``directory``, else None. With ``must_agree``, a given one must equal the directory's (every differing field
+    is named); this is how every command finds its token space."""
+    path = os.path.join(os.fspath(directory), TOKEN_SPACE_NAME) if directory is not None else None
+    in_directory = TokenSpace.from_file(path) if path and os.path.isfile(path) else None
+    if given is None:
+        return in_directory
+    space = TokenSpace.coerce(given)
+    if must_agree and in_directory is not None:
+        mismatch = token_space_mismatch(in_directory, space)
+        if mismatch:
+            raise TokenSpaceError(f"the token space passed explicitly (--token-space) differs from {path}: {mismatch}")
+    return space
+
+
+def token_space_mismatch(a: "TokenSpace", b: "TokenSpace", limit: int = 12) -> Optional[str]:
+    """None if two token spaces are equal, else which fields differ and how (at most ``limit`` listed)."""
+    differences = list(_diff(a.to_dict(), b.to_dict()))
+    if not differences:
+        return None
+    shown = "; ".join(f"{path}: {va!r} vs {vb!r}" for path, va, vb in differences[:limit])
+    more = f"; and {len(differences) - limit} more" if len(differences) > limit else ""
+    return f"{len(differences)} field(s) differ ({a.source} vs {b.source}): {shown}{more}"
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """``(path, a value, b value)`` for every leaf where two JSON documents differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key not in a or key not in b:
+                yield path, a.get(key, "<missing>"), b.get(key, "<missing>")
+            else:
+                yield from _diff(a[key], b[key], path)
+    elif a != b or type(a) is not type(b):
+        yield prefix or "<document>", a, b
 
 
 def is_plain_int(value: object) -> bool:

@@ -19,7 +19,6 @@ from it. What this module adds is what the Trainer cannot know:
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -55,7 +54,7 @@ from .distributed import (
 from .files import DTYPES
 from .output_dir import check_output_dir
 from .tiny import build_tiny_qwen3, tiny_token_space
-from .token_space import TokenSpace
+from .token_space import TokenSpace, resolve_token_space
 
 logger = logging.get_logger(__name__)
 
@@ -78,16 +77,12 @@ def load_base(args: argparse.Namespace) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(args.base, dtype=dtype)
 
 
-def resolve_token_space(args: argparse.Namespace) -> TokenSpace:
+def token_space_of(args: argparse.Namespace) -> TokenSpace:
     """``--token-space``, else the tiny token space with ``--tiny``, else ``token_space.json`` in the base directory."""
-    if args.token_space:
-        return TokenSpace.from_file(args.token_space)
-    if args.tiny:
-        return tiny_token_space()
-    path = os.path.join(args.base, TOKEN_SPACE_NAME)
-    if not os.path.isfile(path):
+    space = resolve_token_space(args.token_space or (tiny_token_space() if args.tiny else None), args.base)
+    if space is None:
         raise FileNotFoundError(f"no {TOKEN_SPACE_NAME} in {args.base}; pass --token-space")
-    return TokenSpace.from_file(path)
+    return space
 
 
 def build_model(base: torch.nn.Module, args: argparse.Namespace) -> PeftModel:
@@ -101,7 +96,7 @@ def build_model(base: torch.nn.Module, args: argparse.Namespace) -> PeftModel:
         _check_token_space_matches(args, find_row_extension_adapter(model.peft_config)[1])
     else:
         config = RowExtensionConfig(
-            token_space=resolve_token_space(args),
+            token_space=token_space_of(args),
             init_rows=args.init_rows,
             init_noise_factor=args.init_noise_factor,
             head_rows=args.head_rows,

@@ -76,7 +76,7 @@ def token_space_for(
     adapter_option: str = "--adapter",
 ):
     """``--token-space``, else the adapter's, else the tiny one, else ``token_space.json`` in the base directory."""
-    from ..token_space import TokenSpace
+    from ..token_space import TokenSpace, resolve_token_space
 
     if token_space:
         return TokenSpace.from_file(existing_file(token_space, "--token-space"))
@@ -86,11 +86,11 @@ def token_space_for(
         from ..tiny import tiny_token_space
 
         return tiny_token_space()
-    path = os.path.join(base or "", TOKEN_SPACE_NAME)
-    if not (base and os.path.isfile(path)):
+    space = resolve_token_space(None, base) if base and os.path.isdir(base) else None
+    if space is None:
         where = f"the base directory {base}" if base and os.path.isdir(base) else "a Hub base"
         raise FileNotFoundError(f"no {TOKEN_SPACE_NAME} in {where} and no adapter; pass --token-space")
-    return TokenSpace.from_file(path)
+    return space
 
 
 # ---------------------------------------------------------------------------------------- data

@@ -9,12 +9,12 @@ import pickle
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from tqdm.auto import tqdm
 
-from ..constants import LEGACY_JSON_NAME, LEGACY_PT_NAME, TOKEN_SPACE_NAME
+from ..constants import LEGACY_JSON_NAME, LEGACY_PT_NAME
 from ..errors import LegacyCheckpointError
 from ..output import PathLike, atomic_output, check_target
 from ..token_space import TokenSpace, is_plain_int
@@ -180,44 +180,6 @@ def _check_json_agreement(ckpt: LegacyCheckpoint, meta: dict[str, Any], json_pat
     ]
     if differ:
         raise LegacyCheckpointError(f"{json_path} disagrees with {ckpt.path}: " + "; ".join(differ))
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
-    """``(path, a value, b value)`` for every leaf where two JSON documents differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in list(a) + [k for k in b if k not in a]:
-            path = f"{prefix}.{key}" if prefix else str(key)
-            if key not in a or key not in b:
-                yield path, a.get(key, "<missing>"), b.get(key, "<missing>")
-            else:
-                yield from _diff(a[key], b[key], path)
-    elif a != b or type(a) is not type(b):
-        yield prefix or "<document>", a, b
-
-
-def _token_space_mismatch(a: TokenSpace, b: TokenSpace, limit: int = 12) -> Optional[str]:
-    differences = list(_diff(a.to_dict(), b.to_dict()))
-    if not differences:
-        return None
-    shown = "; ".join(f"{path}: {va!r} vs {vb!r}" for path, va, vb in differences[:limit])
-    more = f"; and {len(differences) - limit} more" if len(differences) > limit else ""
-    return f"{len(differences)} field(s) differ ({a.source} vs {b.source}): {shown}{more}"
-
-
-def _resolve_token_space(checkpoint_dir: str, given: Any) -> Optional[TokenSpace]:
-    """The token space given explicitly, else the one in the directory; both present must agree."""
-    in_dir_path = os.path.join(checkpoint_dir, TOKEN_SPACE_NAME)
-    in_dir = TokenSpace.from_file(in_dir_path) if os.path.isfile(in_dir_path) else None
-    if given is None:
-        return in_dir
-    space = TokenSpace.coerce(given)
-    if in_dir is not None:
-        mismatch = _token_space_mismatch(in_dir, space)
-        if mismatch:
-            raise LegacyCheckpointError(
-                f"the token space passed explicitly (--token-space) differs from {in_dir_path}: {mismatch}"
-            )
-    return space
 
 
 def _check_token_space(ckpt: LegacyCheckpoint, space: TokenSpace) -> None:

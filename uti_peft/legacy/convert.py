@@ -15,7 +15,7 @@ from ..errors import LegacyCheckpointError
 from ..output import PathLike
 from ..row_extension.config import RowExtensionConfig
 from ..row_extension.lora import LORA_ADAPTER_NAME, read_legacy_lora, write_lora
-from ..token_space import TokenSpace
+from ..token_space import TokenSpace, resolve_token_space
 from .checkpoint import (
     _atomic_output,
     _bar,
@@ -25,7 +25,6 @@ from .checkpoint import (
     _dtype_name,
     _read_eval_report,
     _resolve_checkpoint,
-    _resolve_token_space,
     read_legacy,
 )
 from .verify import _Sha256Jobs, _hash_as_safetensors, _parse_dtype, _verify_safetensors
@@ -71,7 +70,7 @@ def convert_legacy(
     target = os.path.abspath(os.fspath(output_dir))
     out_dtype = _parse_dtype(dtype)
     _check_target(target, overwrite, ADAPTER_CONFIG_NAME, (checkpoint,))
-    space = _resolve_token_space(checkpoint, token_space)
+    space = resolve_token_space(token_space, checkpoint, must_agree=True)
     if space is None:
         raise LegacyCheckpointError(
             f"{checkpoint}: no {TOKEN_SPACE_NAME} in the checkpoint directory; pass its path with --token-space "

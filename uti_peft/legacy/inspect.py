@@ -15,8 +15,8 @@ from ..adapter_folder import check_adapter_folder
 from ..errors import LegacyCheckpointError
 from ..files import SAFETENSORS_DTYPES, read_safetensors_header
 from ..output import PathLike
-from ..token_space import TokenSpace, is_plain_int
-from .checkpoint import _check_json_agreement, _check_token_space, _dtype_name, _load_weights_only, _read_json, _resolve_checkpoint, _resolve_token_space, _validate_pt
+from ..token_space import TokenSpace, is_plain_int, resolve_token_space
+from .checkpoint import _check_json_agreement, _check_token_space, _dtype_name, _load_weights_only, _read_json, _resolve_checkpoint, _validate_pt
 
 # ---------------------------------------------------------------------------------------- inspect
 def inspect_checkpoint(
@@ -61,7 +61,7 @@ def _inspect_legacy(path: str, token_space: Any) -> dict[str, Any]:
         problems.append(f"{LEGACY_JSON_NAME} is missing")
     space = None
     try:
-        space = _resolve_token_space(checkpoint, token_space)
+        space = resolve_token_space(token_space, checkpoint, must_agree=True)
         if space is None:
             problems.append(f"{TOKEN_SPACE_NAME} is missing (pass --token-space)")
         else:
