@@ -9,7 +9,6 @@ batch never changes an example's numbers: batch size only changes speed.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -33,7 +32,7 @@ from .token_space import TokenSpace
 
 # Re-exported: the JSONL reader and its constants moved to uti_peft.data, where training shares them.
 __all__ = ["ALL", "DEFAULT_MAX_SEQ_LEN", "IGNORE_INDEX", "TRUNCATION_SIDES", "EvalExample", "evaluate",
-           "load_model", "read_jsonl", "summary", "write_atomically"]
+           "load_model", "read_jsonl", "summary"]
 
 
 # ---------------------------------------------------------------------------------------- scoring
@@ -138,13 +137,3 @@ def summary(report: dict[str, Any], max_seq_len: int) -> str:
     )
 
 
-def write_atomically(path: str, text: str) -> None:
-    """Temp file in the same directory + ``os.replace``, so a reader never sees half a report."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -129,3 +129,17 @@ def copy_range(src: PathLike, offset: int, f: BinaryIO, length: int) -> int:
     if done != length:
         raise OSError(f"{src}: ended {length - done} bytes early (truncated while being copied?)")
     return done
+
+
+def write_text_atomically(path: PathLike, text: str) -> None:
+    """Temp file in the same directory + ``os.replace``, so a reader never sees half a file (a report, a token
+    space); nothing is left behind on failure."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -84,11 +84,9 @@ class TokenSpace:
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the JSON atomically (temp file + rename)."""
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
+        from .output import write_text_atomically  # imports torch: only when saving
+
+        write_text_atomically(path, self.to_json())
 
     def sha256(self) -> str:
         """Stable digest over canonical JSON (sorted keys, no whitespace), so key order never matters."""

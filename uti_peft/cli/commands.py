@@ -234,14 +234,15 @@ def run_eval(args: argparse.Namespace) -> int:
     from .checks import prepare_eval
 
     plan = prepare_eval(args)  # everything checked before the model loads
-    from ..evaluation import evaluate, load_model, summary, write_atomically
+    from ..evaluation import evaluate, load_model, summary
+    from ..output import write_text_atomically
 
     model = load_model(plan.base, plan.adapter, args.dtype, args.device)
     report = evaluate(model, plan.token_space, plan.examples, batch_size=args.batch_size,
                       max_seq_len=args.max_seq_len, truncation_side=args.truncation_side)
     text = json.dumps(report, indent=2) + "\n"
     if args.out:
-        write_atomically(args.out, text)
+        write_text_atomically(args.out, text)
         print(f"wrote {args.out}: {summary(report, args.max_seq_len)}")
     else:
         print(text, end="")
