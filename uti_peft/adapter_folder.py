@@ -12,10 +12,11 @@ from typing import Any
 from peft.utils import PeftType
 
 from .adapter_location import describe_folder
-from .constants import CARD_NAME, CONFIG_NAME, INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, TOKEN_SPACE_NAME, WEIGHTS_NAME
-from .errors import AdapterNotFoundError, RowExtensionError, TokenSpaceError, WrongAdapterTypeError
-from .files import read_safetensors_header, rows_bytes_of_file
+from .constants import CARD_NAME, CONFIG_NAME, TOKEN_SPACE_NAME, WEIGHTS_NAME
+from .errors import AdapterNotFoundError, TokenSpaceError, WrongAdapterTypeError
+from .files import SAFETENSORS_DTYPES, read_safetensors_header, rows_bytes_of_file
 from .row_extension.config import RowExtensionConfig
+from .row_extension.saved_rows import check_row_blocks
 from .token_space import TokenSpace
 
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, TOKEN_SPACE_NAME, CARD_NAME)
@@ -62,26 +63,13 @@ def check_adapter_folder(path: str | os.PathLike) -> AdapterFolder:
             f"{path}: {TOKEN_SPACE_NAME} (sha256 {space.sha256()[:12]}…) differs from the token space in "
             f"{CONFIG_NAME} (sha256 {config.token_space_sha256[:12]}…)"
         )
-    header = read_safetensors_header(os.path.join(path, WEIGHTS_NAME))
-    tensors = tuple(sorted(k for k in header if k != "__metadata__"))
     where = os.path.join(path, WEIGHTS_NAME)
-    unknown = sorted(set(tensors) - {INPUT_ROWS_KEY, OUTPUT_ROWS_KEY})
-    if unknown or not tensors:
-        raise RowExtensionError(
-            f"{where} must hold {INPUT_ROWS_KEY!r} (and optionally {OUTPUT_ROWS_KEY!r}) only, found {list(tensors)}"
-        )
-    hidden_sizes = set()
-    for key in tensors:
-        shape = header[key]["shape"]
-        if len(shape) != 2 or shape[0] != config.num_new_rows:
-            raise RowExtensionError(
-                f"{where}: {key} has shape {shape}, expected [{config.num_new_rows}, hidden] "
-                f"(vocab_size - text_vocab_size = {config.vocab_size} - {config.text_vocab_size})"
-            )
-        hidden_sizes.add(shape[1])
-    if len(hidden_sizes) != 1:
-        raise RowExtensionError(f"{where}: the row tensors disagree on the hidden size: {sorted(hidden_sizes)}")
-    return AdapterFolder(path, config, rows_bytes_of_file(where), hidden_sizes.pop(), tensors)
+    header = read_safetensors_header(where)
+    tensors = tuple(sorted(k for k in header if k != "__metadata__"))
+    hidden = check_row_blocks(
+        {k: (header[k]["shape"], header[k]["dtype"] in SAFETENSORS_DTYPES) for k in tensors}, config, where
+    )
+    return AdapterFolder(path, config, rows_bytes_of_file(where), hidden, tensors)
 
 
 def _lora_files(config: RowExtensionConfig) -> tuple[str, ...]:

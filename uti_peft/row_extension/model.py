@@ -30,6 +30,7 @@ from .layer import (
     sync_size_attributes,
 )
 from .lora import load_lora, read_lora
+from .saved_rows import check_row_blocks
 
 # on-disk key of each layer role's parameter container
 _CANONICAL_KEYS = {
@@ -332,21 +333,7 @@ def _load_saved_rows(source: tuple[str, dict], like: torch.Tensor) -> dict[str, 
 
 
 def _check_saved_rows(saved: dict, config: RowExtensionConfig, hidden: int, input_name: str, where: str) -> None:
-    unknown = sorted(set(saved) - {INPUT_ROWS_KEY, OUTPUT_ROWS_KEY})
-    if unknown:
-        raise RowExtensionError(f"{where} holds tensors this adapter type does not know: {unknown}")
-    if INPUT_ROWS_KEY not in saved and OUTPUT_ROWS_KEY not in saved:
-        raise RowExtensionError(f"{where} holds no rows ({INPUT_ROWS_KEY!r} is missing)")
-    expected = config.num_new_rows
-    for key, rows in saved.items():
-        if rows.dim() != 2 or not rows.is_floating_point():
-            raise RowExtensionError(f"{where}: {key} must be a 2-d float tensor, found {tuple(rows.shape)} {rows.dtype}")
-        if rows.shape[0] != expected:
-            raise RowExtensionError(
-                f"{where}: {key} has {rows.shape[0]} rows but vocab_size - text_vocab_size is "
-                f"{config.vocab_size} - {config.text_vocab_size} = {expected}"
-            )
-        if rows.shape[1] != hidden:
-            raise RowExtensionError(
-                f"{where}: {key} has hidden size {rows.shape[1]} but the base {input_name} has hidden size {hidden}"
-            )
+    """The saved tensors are the adapter's row blocks (`check_row_blocks`) and as wide as the base's embedding."""
+    width = check_row_blocks({k: (tuple(t.shape), t.is_floating_point()) for k, t in saved.items()}, config, where)
+    if width != hidden:
+        raise RowExtensionError(f"{where}: the rows have hidden size {width} but the base {input_name} has hidden size {hidden}")
