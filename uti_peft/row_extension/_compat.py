@@ -38,10 +38,10 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 
-from .config import RowExtensionConfig, find_row_extension_adapter
-from .layer import RowExtensionLayer
 from ..constants import AUTOLOAD_ORIGINAL_ATTRIBUTE, PEFT_KEY_PREFIX, PEFT_TYPE_NAME, WEIGHTS_NAME
 from ..errors import RowExtensionError
+from .config import RowExtensionConfig, find_row_extension_adapter
+from .layer import RowExtensionLayer
 from .lora import write_lora
 
 CHECKED_WITH = {"transformers": ("5.",), "peft": ("0.21.",)}
@@ -130,7 +130,7 @@ def _is_row_extension_file(config_file: Optional[str]) -> bool:
     if not config_file or not os.path.isfile(config_file):
         return False
     with open(config_file, encoding="utf-8") as f:
-        return json.load(f).get("peft_type") == "ROW_EXTENSION"
+        return json.load(f).get("peft_type") == PEFT_TYPE_NAME
 
 
 def carries_row_extension(model: Any) -> bool:
