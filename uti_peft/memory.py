@@ -1,29 +1,112 @@
-"""Copying a base matrix out of a memory-mapped checkpoint without keeping the original resident.
+"""Extending a base matrix that transformers memory-mapped from its checkpoint, without copying its rows.
 
-transformers loads safetensors weights as views of a private file mapping. When a row-extension layer
-builds the extended lm_head, it reads every text row of the base matrix once; those file pages would then
-stay counted in the process's memory for as long as the mapping lives (that is, as long as any other
-weight of the checkpoint does), next to the extended copy: a model using twice the memory of a merged one.
-`copy_releasing_source` drops each copied chunk's pages from the process right after copying it.
+transformers loads safetensors weights as views of a private file mapping: a merged checkpoint's 164,021-row
+lm_head costs nothing at load, its pages are read from the page cache when the first forward touches them. An
+extended head built by allocating 164,021 fresh rows and copying 151,669 of them would instead fault in and write
+1.24 GB at load, and hold the source's pages next to the copy. `extended_matrix` avoids both where it can: the text
+rows become a second private mapping of the very same file bytes, with anonymous memory right after them for the
+new rows, in one contiguous range. Only the new rows are ever written. Elsewhere (not Linux, not on the CPU, a
+weight that is not a clean file mapping) the rows are copied, releasing the source's pages as they are copied.
 """
 
 from __future__ import annotations
 
 import ctypes
 import mmap
+import os
+import re
 import sys
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 _COPY_CHUNK_BYTES = 64 << 20
 _MADV_DONTNEED = 4  # Linux
+_MAP_FIXED = 0x10  # Linux, every architecture
+
+
+class _FileMapping(NamedTuple):
+    """One line of /proc/self/maps: an address range mapping ``path`` from byte ``offset`` on."""
+
+    start: int
+    end: int
+    offset: int
+    device: tuple[int, int]
+    inode: int
+    path: str
+
+
+def extended_matrix(weight: torch.Tensor, keep_rows: int, total_rows: int) -> torch.Tensor:
+    """A new contiguous ``[total_rows, weight.shape[1]]`` tensor whose first ``keep_rows`` rows equal
+    ``weight[:keep_rows]``; the other rows are left for the caller to fill (their values are unspecified).
+
+    The kept rows are a private mapping of the checkpoint file when ``weight`` is one (`map_file_rows`), else a
+    copy (`copy_releasing_source`). ``weight`` itself is not changed either way.
+    """
+    mapped = map_file_rows(weight, keep_rows, total_rows)
+    if mapped is not None:
+        return mapped
+    extended = torch.empty((total_rows, weight.shape[1]), dtype=weight.dtype, device=weight.device)
+    copy_releasing_source(extended[:keep_rows], weight[:keep_rows])
+    return extended
+
+
+def map_file_rows(weight: torch.Tensor, keep_rows: int, total_rows: int) -> Optional[torch.Tensor]:
+    """`extended_matrix` without a copy: one address range whose first ``keep_rows`` rows map the file bytes
+    behind ``weight`` (private, copy-on-write) and whose rest is anonymous memory. None where that cannot be done
+    (not Linux, not CPU, not contiguous, not a clean private file mapping, the file replaced since, ``mmap``
+    refused).
+
+    The range is reserved as one anonymous ``mmap.mmap`` (which unmaps all of it when the tensor's storage is freed)
+    and the file is mapped over its head with ``MAP_FIXED``. Mappings start at page boundaries; the tensor starts as
+    far into the first page as the weight starts into its file page, so the last text page holds the first new rows
+    too: writing them gives that page a private copy, as writing any row of a private mapping does.
+    """
+    if not weight.is_contiguous() or keep_rows > weight.shape[0]:
+        return None
+    source = _file_mapping_of(weight)
+    if source is None:
+        return None
+    page, row_bytes = mmap.PAGESIZE, weight.shape[1] * weight.element_size()
+    file_offset = source.offset + weight.data_ptr() - source.start
+    lead = file_offset % page
+    text_bytes = _round_up(lead + keep_rows * row_bytes, page)
+    region = mmap.mmap(-1, _round_up(lead + total_rows * row_bytes, page), flags=mmap.MAP_PRIVATE)
+    whole = torch.frombuffer(region, dtype=torch.uint8)
+    if text_bytes and not _map_file_over(whole.data_ptr(), text_bytes, source, file_offset - lead):
+        return None
+    rows = whole[lead : lead + total_rows * row_bytes].view(weight.dtype)
+    return rows.view(total_rows, weight.shape[1])
+
+
+def _map_file_over(address: int, length: int, source: _FileMapping, offset: int) -> bool:
+    """Map ``length`` bytes of ``source``'s file from ``offset`` privately at ``address`` (inside a range this
+    process reserved). False when the file is no longer the one mapped (replaced, or changed device/inode) or the
+    kernel refuses."""
+    try:
+        fd = os.open(source.path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        stat = os.fstat(fd)
+        if (os.major(stat.st_dev), os.minor(stat.st_dev), stat.st_ino) != (*source.device, source.inode):
+            return False
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long)
+        flags = mmap.MAP_PRIVATE | _MAP_FIXED
+        mapped = libc.mmap(address, length, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, offset)
+        return mapped == address
+    finally:
+        os.close(fd)
 
 
 def copy_releasing_source(dst: torch.Tensor, src: torch.Tensor) -> None:
     """``dst.copy_(src)`` along dim 0 in chunks; if ``src`` lives in a file mapping, each copied chunk's
     pages are released (`release_file_pages`), so source and copy are never both fully resident."""
-    mapping = _file_mapping_of(src)
+    source = _file_mapping_of(src)
+    mapping = None if source is None else (source.start, source.end)
     rows_per_chunk = max(1, _COPY_CHUNK_BYTES // max(1, src[:1].numel() * src.element_size()))
     for start in range(0, src.shape[0], rows_per_chunk):
         chunk = src[start : start + rows_per_chunk]
@@ -49,32 +132,87 @@ def release_file_pages(tensor: torch.Tensor, mapping: tuple[int, int]) -> None:
     libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), ctypes.c_int(_MADV_DONTNEED))
 
 
-def _file_mapping_of(tensor: torch.Tensor) -> Optional[tuple[int, int]]:
-    """The ``(start, end)`` address range of the file mapping holding ``tensor``, if it is in one (Linux, CPU).
+def same_file_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` provably hold the same values because both are the same bytes of the same file:
+    contiguous, of one dtype and shape, each in a private mapping of that file that this process never wrote
+    (so each still reads the file), at the same offset in it."""
+    if a.dtype != b.dtype or a.shape != b.shape or not (a.is_contiguous() and b.is_contiguous()):
+        return False
+    mappings = _file_mappings([a, b])
+    if None in mappings:
+        return False
+    (a_map, b_map), offsets = mappings, [m.offset + t.data_ptr() - m.start for m, t in zip(mappings, (a, b))]
+    return (a_map.device, a_map.inode) == (b_map.device, b_map.inode) and offsets[0] == offsets[1]
 
-    Private mappings qualify only if no page of theirs was written by this process (smaps counts such
-    copy-on-write pages as ``Anonymous``): releasing a written page would bring back the file's version.
-    """
-    if sys.platform != "linux" or tensor.device.type != "cpu" or tensor.numel() == 0:
-        return None
-    address = tensor.data_ptr()
+
+def _file_mapping_of(tensor: torch.Tensor) -> Optional[_FileMapping]:
+    """The file mapping holding ``tensor``, if it is a private one in which this process wrote none of the tensor's
+    pages (so its values are the file's bytes); Linux, CPU."""
+    return _file_mappings([tensor])[0]
+
+
+def _file_mappings(tensors: list[torch.Tensor]) -> list[Optional[_FileMapping]]:
+    """`_file_mapping_of` for each tensor, from one reading of /proc/self/maps (which, unlike smaps, costs no walk
+    of the process's page tables) and of the tensors' own entries in /proc/self/pagemap."""
+    spans = [_byte_span(t) for t in tensors]
+    if sys.platform != "linux" or sys.byteorder != "little" or not any(spans):
+        return [None] * len(tensors)
     try:
-        with open("/proc/self/smaps", encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            headers = list(_MAPS_LINE.finditer(f.read()))
+        pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
     except OSError:
+        return [None] * len(tensors)
+    try:
+        return [_clean_mapping(span, headers, pagemap) if span else None for span in spans]
+    finally:
+        os.close(pagemap)
+
+
+def _byte_span(tensor: torch.Tensor) -> Optional[tuple[int, int]]:
+    """The ``[first, end)`` addresses of a contiguous, non-empty CPU tensor's bytes."""
+    if tensor.device.type != "cpu" or tensor.numel() == 0 or not tensor.is_contiguous():
         return None
-    headers = [i for i, line in enumerate(lines) if _is_header(line)] + [len(lines)]
-    for index, next_index in zip(headers, headers[1:]):
-        fields = lines[index].split()
-        start, end = (int(x, 16) for x in fields[0].split("-"))
-        if not start <= address < end:
-            continue
-        file_backed = len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/")
-        written = [line.split()[1] for line in lines[index + 1 : next_index] if line.startswith("Anonymous:")]
-        return (start, end) if file_backed and written == ["0"] else None
-    return None
+    return tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
 
 
-def _is_header(line: str) -> bool:
-    first = line.split(maxsplit=1)[0] if line.strip() else ""
-    return "-" in first and ":" not in first
+def _clean_mapping(span: tuple[int, int], headers: list[re.Match], pagemap: int) -> Optional[_FileMapping]:
+    """The private file mapping holding all of ``span``, if none of the span's pages was written by this process."""
+    for header in headers:
+        start, end = int(header["start"], 16), int(header["end"], 16)
+        if start <= span[0] < end:
+            break
+    else:
+        return None
+    path = header["path"]
+    if span[1] > end or header["perms"][3] != "p" or header["inode"] == "0" or not path.startswith("/"):
+        return None
+    if path.endswith(" (deleted)") or not _never_written(span, pagemap):
+        return None
+    device = (int(header["major"], 16), int(header["minor"], 16))
+    return _FileMapping(start, end, int(header["offset"], 16), device, int(header["inode"]), path)
+
+
+def _never_written(span: tuple[int, int], pagemap: int) -> bool:
+    """Whether no page of ``span`` (in a private file mapping) is this process's own copy: each is either not in
+    memory or the file's page-cache page. In each 64-bit pagemap entry bit 63 says present, 62 swapped (only
+    private copies swap) and 61 file page."""
+    page = mmap.PAGESIZE
+    first, last = span[0] // page, (span[1] - 1) // page
+    entries = bytearray((last - first + 1) * 8)
+    if os.preadv(pagemap, [entries], first * 8) != len(entries):
+        return False
+    top_bits = torch.frombuffer(entries, dtype=torch.uint8)[7::8] >> 5  # little-endian: bits 61..63 of each entry
+    return not bool(((top_bits != 0) & (top_bits != 0b101)).any())  # absent, or present as a file page
+
+
+# "start-end perms offset major:minor inode [path]", one line per mapping
+_MAPS_LINE = re.compile(
+    r"^(?P<start>[0-9a-f]+)-(?P<end>[0-9a-f]+) (?P<perms>\S+) (?P<offset>[0-9a-f]+) "
+    r"(?P<major>[0-9a-f]+):(?P<minor>[0-9a-f]+) (?P<inode>\d+) *(?P<path>.*)$",
+    re.MULTILINE,
+)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple

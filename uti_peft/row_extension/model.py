@@ -50,6 +50,7 @@ class _Plan:
     output_rows: Optional[torch.Tensor]  # None: tied, or no head
     output_trained: bool  # False: the head's rows are derived (mean of its text rows), not trained
     lora: Optional[tuple]  # (LoraConfig, weights) of the LoRA saved with the rows, read by `uti_peft.row_extension.lora.read_lora`
+    rows_owned: bool  # the rows are tensors injection made (read or initialised), not a caller's: kept without a copy
 
 
 class RowExtensionModel(BaseTuner):
@@ -124,7 +125,9 @@ class RowExtensionModel(BaseTuner):
         if target is plan.input_module:
             new_module = RowExtensionEmbedding(target, adapter_name)
             # a tied lm_head needs the full-width matrix; an untied embedding keeps its rows apart (no copy)
-            new_module.update_layer(adapter_name, text_vocab_size, plan.input_rows, in_place=plan.tied)
+            new_module.update_layer(
+                adapter_name, text_vocab_size, plan.input_rows, in_place=plan.tied, copy=not plan.rows_owned
+            )
         elif target is plan.output_module and plan.tied:
             owner = self.model.get_input_embeddings()
             new_module = RowExtensionLinear(target, adapter_name, tied_to=owner)
@@ -222,7 +225,8 @@ def _plan_injection(model: nn.Module, config: RowExtensionConfig, state_dict: Op
     output_rows, output_trained = None, True
     if "output" in modules and not tied:
         output_rows, output_trained = _output_rows(saved, where, config, modules["output"], names)
-    return _Plan(modules["input"], modules.get("output"), tied, input_rows, output_rows, output_trained, lora)
+    rows_owned = state_dict is None
+    return _Plan(modules["input"], modules.get("output"), tied, input_rows, output_rows, output_trained, lora, rows_owned)
 
 
 def _base_embeddings(model: nn.Module, config: RowExtensionConfig) -> tuple[dict, dict, bool]:

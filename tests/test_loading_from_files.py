@@ -1,0 +1,100 @@
+"""A base and an adapter loaded from safetensors files, as users load them: the extended head maps the base file's
+text rows instead of copying them, the untied embedding's rows stay a mapping of the adapter file, and neither file
+is ever written. Logits equal the legacy-patched and the merged model's, bit for bit, also for ``logits_to_keep=1``
+(whose strided last-token slice meets a frozen head here, and a trainable one in those models)."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+
+import pytest
+import torch
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from uti_peft.constants import INPUT_ROWS_KEY, WEIGHTS_NAME
+from uti_peft.memory import _file_mapping_of
+from uti_peft.tiny import build_tiny_qwen3
+
+from conftest import legacy_model_for, probe_ids, train_steps
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="file mappings are read from /proc/self (Linux)")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def saved(tmp_path, make_adapter):
+    """(base dir, adapter dir) for a base of the given kind: the adapter was trained on that very base."""
+
+    def make(tied: bool, dtype: torch.dtype):
+        base = tmp_path / "base"
+        build_tiny_qwen3(tied=tied, dtype=dtype).save_pretrained(base)
+        return base, make_adapter(tied=tied, dtype=dtype)
+
+    return make
+
+
+def load(base_dir, adapter_dir, dtype, **kwargs) -> PeftModel:
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype), adapter_dir, **kwargs)
+
+
+def embedding_rows(model: PeftModel) -> torch.Tensor:
+    return model.get_input_embeddings().row_extension_input_rows["default"]
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_loaded_files_are_mapped_not_copied_and_logits_are_exact(saved, token_space, tmp_path, tied, dtype):
+    base_dir, adapter_dir = saved(tied, dtype)
+    model = load(base_dir, adapter_dir, dtype)
+    text = token_space.text_vocab_size
+
+    head = model.get_output_embeddings().weight
+    # (the last text rows share a page with the first new rows, which writing those gave a private copy)
+    assert _file_mapping_of(head[: text // 2]).path == str(base_dir / "model.safetensors")
+    if not tied:  # kept apart from the base weight: still the adapter file's bytes (PEFT's second read was skipped)
+        assert _file_mapping_of(embedding_rows(model)).path == str(adapter_dir / WEIGHTS_NAME)
+
+    ids = probe_ids(token_space)
+    legacy = legacy_model_for(adapter_dir, token_space, tied=tied, dtype=dtype)
+    model.merge_and_unload().save_pretrained(tmp_path / "merged")  # the rows are merged in place: same logits
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=dtype)
+    model = load(base_dir, adapter_dir, dtype)
+    with torch.no_grad():
+        for kwargs in ({}, {"logits_to_keep": 1}):
+            ours = model(input_ids=ids, **kwargs).logits
+            assert ours.dtype == dtype and ours.shape[-1] == token_space.vocab_size
+            assert torch.equal(ours, legacy(input_ids=ids, **kwargs).logits)
+            assert torch.equal(ours, merged(input_ids=ids, **kwargs).logits)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_training_a_loaded_adapter_never_writes_its_files(saved, token_space, tmp_path, tied):
+    base_dir, adapter_dir = saved(tied, torch.float32)
+    files = [base_dir / "model.safetensors", adapter_dir / WEIGHTS_NAME]
+    before = [sha256(path) for path in files]
+    model = load(base_dir, adapter_dir, torch.float32, is_trainable=True)
+    train_steps(model, token_space)
+
+    assert [sha256(path) for path in files] == before
+    trained = embedding_rows(model).detach().clone()
+    assert not torch.equal(trained, load_file(files[1])[INPUT_ROWS_KEY])
+    assert _file_mapping_of(model.get_output_embeddings().weight[: token_space.text_vocab_size // 2]) is not None
+    model.save_pretrained(tmp_path / "trained")
+    assert torch.equal(load_file(tmp_path / "trained" / WEIGHTS_NAME)[INPUT_ROWS_KEY], trained)
+
+
+def test_loading_the_file_again_restores_rows_changed_in_memory(saved):
+    base_dir, adapter_dir = saved(False, torch.float32)
+    model = load(base_dir, adapter_dir, torch.float32)
+    on_disk = load_file(adapter_dir / WEIGHTS_NAME)
+    with torch.no_grad():
+        embedding_rows(model).mul_(2)  # written: no longer the file's bytes, so the reload must copy
+    set_peft_model_state_dict(model, load_file(adapter_dir / WEIGHTS_NAME))
+    assert torch.equal(embedding_rows(model), on_disk[INPUT_ROWS_KEY])
