@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command to run on a GPU machine: the GPU benchmark of uti-peft (scripts/bench/gpu.py), from this source
+# The one command to run on a GPU machine: the GPU benchmark of uti-peft (scripts/bench/gpu/), from this source
 # tree, without installing it.
 #
 #   bash scripts/bench_gpu.sh OUTDIR [flags of scripts/bench_gpu.py]   # e.g. OUTDIR --quick --device cpu

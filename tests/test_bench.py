@@ -52,12 +52,19 @@ def test_json_schema(quick_run):
 
     for section in ("setup_s", "load", "inference", "training", "size_and_conversion", "raw"):
         assert section in report
-    for case in ("load-ours", "load-merged", "load-legacy-nomean", "load-legacy", "inference", "train-ours",
-                 "train-legacy", "convert-ours", "convert-plain", "merge-ours-2L", "merge-peft-2L"):
+    sweep = [f"load-{kind}-{n}L" for n in (2, 3) for kind in ("ours", "merged")]  # --quick's depths: 2 and 3
+    for case in (*sweep, "cache-2L", "cache-3L", "head-map", "head-copy", "head-plain", "load-legacy-nomean",
+                 "load-legacy", "inference", "train-ours", "train-legacy", "convert-ours", "convert-plain",
+                 "merge-ours-2L", "merge-peft-2L"):
         assert report["raw"][case], case
-    for case in ("load-ours", "load-merged", "load-legacy-nomean"):
+    for case in (*sweep, "load-legacy-nomean"):
         for result in report["raw"][case]:
-            assert {"seconds", "steady_rss_bytes", "peak_rss_bytes", "logits_sha256"} <= set(result)
+            assert {"seconds", "steady_rss_bytes", "peak_rss_bytes", "logits_sha256", "forwards_s"} <= set(result)
+            assert len(result["forwards_s"]) == 5
+    for case in sweep[::2]:  # ours: the load's phases
+        for result in report["raw"][case]:
+            assert {"base_s", "from_pretrained_s", "head_build_s", "peft_load_rows_s"} <= set(result["phases"])
+    assert set(report["load"]["sweep"]) == {"2", "3"} and report["load"]["fit_merged"] is not None
     assert report["load"]["rss_method"]
 
     rows = report["table"]
@@ -65,7 +72,7 @@ def test_json_schema(quick_run):
         set(row) >= {"measurement", "kind", "ours", "reference", "ratio", "target", "met", "unit"} for row in rows
     )
     targets = [row for row in rows if row["kind"] == "target"]
-    assert len(targets) == report["targets_total"] == 11
+    assert len(targets) == report["targets_total"] == 12
     assert all(isinstance(row["met"], bool) for row in targets)
     assert report["targets_met"] + len(report["targets_missed"]) == report["targets_total"]
 
@@ -82,6 +89,12 @@ def test_deterministic_facts(quick_run):
     on_disk = sum(t.numel() * t.element_size() for t in tensors)
     assert on_disk == rows_bytes
     shape = {"vocab_size": space.vocab_size, "hidden": hidden}
+
+    # the three ways of building the extended head hold the same text rows (the checksum reads all of them)
+    checksums = {r["checksum"] for kind in ("map", "copy", "plain") for r in report["raw"][f"head-{kind}"]}
+    assert len(checksums) == 1
+    head_build = report["raw"]["head-plain"][0]
+    assert head_build["text_bytes"] == space.text_vocab_size * hidden * dtype_bytes
 
     legacy = report["load"]["legacy_defaults"]
     assert legacy["timed_out"] is True and legacy["seconds_lower_bound"] >= 0.001  # killed at --legacy-timeout

@@ -121,10 +121,10 @@ def test_shell_script_needs_an_outdir():
 
 def test_a_failed_case_is_reported_and_the_rest_kept(tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
-    from bench import gpu
+    from bench.gpu.cli import params_from_args, parse_args
+    from bench.gpu.report import Run
 
-    args = gpu.parse_args(["--quick", "--device", "cpu"])
-    run = gpu.Run(gpu.params_from_args(args), tmp_path, tmp_path / "work", {"cpu_model": "x", "cores_usable": 1,
+    run = Run(params_from_args(parse_args(["--quick", "--device", "cpu"])), tmp_path, tmp_path / "work", {"cpu_model": "x", "cores_usable": 1,
                   "torch": "t", "transformers": "t", "peft": "p"})
     run.add([{"case": "load-ours", "seconds": 2.0, "logits_sha256": "a"},
              {"case": "load-merged", "seconds": 1.0, "logits_sha256": "a"},
@@ -135,7 +135,7 @@ def test_a_failed_case_is_reported_and_the_rest_kept(tmp_path):
     assert "**Failed**: load-legacy: exit 1: RuntimeError: boom" in (tmp_path / "bench_gpu.md").read_text()
 
     # the mean-resizing legacy load is informational: its timeout is reported, the run is still ok
-    optional = gpu.Run(run.params, tmp_path / "optional", tmp_path / "work", run.machine)
+    optional = Run(run.params, tmp_path / "optional", tmp_path / "work", run.machine)
     optional.add([{"case": "load-legacy-mean", "failed": "killed after its 60 s limit", "timed_out": True}])
     report = report_of(tmp_path / "optional")
     assert report["ok"] is True and report["failures"][0]["timed_out"] is True

@@ -37,5 +37,6 @@ Layout (``scripts/bench/``, a package beside the ``scripts/bench.py`` entry poin
 ``sys.path`` and calls ``bench.cli.main``): ``params`` (shapes, parameters, work-dir paths), ``workdir`` (builds the
 checkpoints every case reads), ``probes`` (RSS, digests, ids: what a case measures with), ``cases`` (the child side:
 one function per measured case), ``runner`` (the parent side: fresh processes, schedule, repetitions), ``report``
-(bench.json sections, targets, bench.md) and ``cli`` (the command line).
+(bench.json sections, targets, bench.md), ``cli`` (the command line) and ``gpu/`` (the GPU benchmark,
+``scripts/bench_gpu.py``: full-depth loads, inference and training on one device, its own runner and report).
 """

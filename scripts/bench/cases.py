@@ -1,20 +1,22 @@
 """The child side: one function per measured case, run in a fresh process (``python scripts/bench.py --case NAME``)
 so that no case inherits another's memory or warm state. Each returns a JSON-able dict: one line on stdout.
 
-Cases: load (+ one forward) of ours / merged / legacy, inference (prefill + greedy decode, ours vs merged),
+Cases: load (+ the first forwards) of ours / merged at each depth of the sweep and of the legacy loader, the
+extended head's build (mapped, copied, plain copy), inference (prefill + greedy decode, ours vs merged),
 training step (ours vs the legacy recipe), conversion (``convert_legacy`` vs torch.load + save_file), merge
 (``uti_peft.merge_adapter`` vs PEFT's ``merge_and_unload`` + ``save_pretrained``). ``CASES`` names them all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -37,16 +39,62 @@ def load_base(path: Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE)
 
 
-def load_ours(paths: Paths, params: Params):
-    """Base checkpoint + ``PeftModel.from_pretrained`` (resize + patch, by uti-peft)."""
+def load_ours(paths: Paths, params: Params, layers: Optional[int] = None, phases: Optional[dict] = None):
+    """Base checkpoint + ``PeftModel.from_pretrained`` (resize + patch, by uti-peft), on the ``layers``-layer base
+    (default: the main one). ``phases`` (when given) receives the seconds of each step (`time_load_phases`)."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(load_base(paths.base), paths.adapter)
+    phases = {} if phases is None else phases
+    start = time.perf_counter()
+    base = load_base(paths.base_of(params, layers or params.shape.layers))
+    phases["base_s"] = time.perf_counter() - start
+    with time_load_phases(phases):
+        model = PeftModel.from_pretrained(base, paths.adapter)
+    phases["from_pretrained_s"] = time.perf_counter() - start - phases["base_s"]
+    return model
 
 
-def load_merged(paths: Paths, params: Params):
-    """The merged checkpoint: what a plain resized model costs to load."""
-    return load_base(paths.merged)
+@contextlib.contextmanager
+def time_load_phases(phases: dict) -> Iterator[None]:
+    """Times the two steps of ``PeftModel.from_pretrained`` that move bytes, by wrapping the functions that do them
+    for the duration (a measurement probe; the library is not changed): building the extended head
+    (``extended_matrix``: a mapping of the base file, or a copy) and PEFT's load of the saved rows into the layers
+    (``set_peft_model_state_dict``). The rest of ``from_pretrained`` (reading and checking the config and rows,
+    injecting the layers, writing the new rows) is their difference from the total."""
+    import peft.peft_model
+
+    import uti_peft.row_extension.layer as layer
+
+    originals = {(layer, "extended_matrix"): "head_build_s", (peft.peft_model, "set_peft_model_state_dict"):
+                 "peft_load_rows_s"}
+
+    def timed(function: Callable, key: str) -> Callable:
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                phases[key] = phases.get(key, 0.0) + time.perf_counter() - start
+        return call
+
+    saved = {target: getattr(*target) for target in originals}
+    for (module, name), key in originals.items():
+        phases[key] = 0.0
+        setattr(module, name, timed(saved[(module, name)], key))
+    try:
+        yield
+    finally:
+        for (module, name), function in saved.items():
+            setattr(module, name, function)
+
+
+def load_merged(paths: Paths, params: Params, layers: Optional[int] = None, phases: Optional[dict] = None):
+    """The merged checkpoint of the ``layers``-layer base: what a plain resized model costs to load."""
+    start = time.perf_counter()
+    model = load_base(paths.merged_of(params, layers or params.shape.layers))
+    if phases is not None:
+        phases["base_s"] = time.perf_counter() - start
+    return model
 
 
 def legacy_patch(model, paths: Paths, shape: Shape, mean_resizing: Optional[bool]):
@@ -73,50 +121,101 @@ def load_legacy_nomean(paths: Paths, params: Params):
     return legacy_patch(load_base(paths.base), paths, params.shape, mean_resizing=False)
 
 
-LOADERS: dict[str, Callable[[Paths, Params], Any]] = {
-    "ours": load_ours,
-    "merged": load_merged,
-    "legacy": load_legacy_default,
-    "legacy_nomean": load_legacy_nomean,
-}
-
-
-def case_load(kind: str, paths: Paths, params: Params) -> dict[str, Any]:
-    """Time load + one short forward (last-token logits), then read steady and peak RSS."""
+def case_load(kind: str, paths: Paths, params: Params, layers: Optional[int] = None) -> dict[str, Any]:
+    """Time load + the first forward of ``load_probe_tokens`` ids (last-token logits, as ``generate`` does), then
+    ``warm_forwards - 1`` more of the same forward (how the first ones after a load compare), then read steady and
+    peak RSS. Ours and merged also report the load's phases."""
     import_model_stack()
     before = proc_status()["VmRSS"]
     peak_reset = reset_peak_rss()
     ids = probe_ids(params.shape, params.load_probe_tokens, params.seed)
     if kind == "legacy":
         kill_after(params.legacy_timeout)
+    phases: dict[str, float] = {}
     start = time.perf_counter()
-    model = LOADERS[kind](paths, params)
+    if kind in ("ours", "merged"):
+        model = (load_ours if kind == "ours" else load_merged)(paths, params, layers, phases)
+    else:
+        model = (load_legacy_default if kind == "legacy" else load_legacy_nomean)(paths, params)
     loaded = time.perf_counter()
+    forwards = []
     with torch.no_grad():
-        logits = model(input_ids=ids, logits_to_keep=1).logits
-    done = time.perf_counter()
+        for _ in range(params.warm_forwards):
+            begin = time.perf_counter()
+            logits = model(input_ids=ids, logits_to_keep=1).logits
+            forwards.append(time.perf_counter() - begin)
+            if len(forwards) == 1:
+                first_logits = logits
+            if kind == "legacy":
+                break  # its time limit covers the load only
     kill_after(0)
     return {
         "load_s": loaded - start,
-        "forward_s": done - loaded,
-        "seconds": done - start,
+        "forward_s": forwards[0],
+        "forwards_s": forwards,
+        "seconds": loaded - start + forwards[0],
+        "phases": phases,
         "rss_after_imports_bytes": before,
         "peak_reset": peak_reset,
-        "logits_width": logits.shape[-1],
-        "logits_sha256": tensor_sha256(logits[0, -1]),
+        "logits_width": first_logits.shape[-1],
+        "logits_sha256": tensor_sha256(first_logits[0, -1]),
         **steady_memory(),
     }
 
 
+def case_cache(layers: int, paths: Paths, params: Params) -> dict[str, Any]:
+    """Read the checkpoints one depth's load cases read (its base and merged checkpoint, the adapter) once, so that
+    they are in the page cache, as after a download or an earlier run: the work dir of a sweep is larger than many
+    machines' memory, and a file that was evicted would be timed as a disk read."""
+    read = 0
+    for directory in (paths.base_of(params, layers), paths.merged_of(params, layers), paths.adapter):
+        for path in sorted(directory.glob("*.safetensors")):
+            with open(path, "rb") as f:
+                while chunk := f.read(64 << 20):
+                    read += len(chunk)
+    return {"bytes_read": read}
+
+
+def case_head_build(kind: str, paths: Paths, params: Params) -> dict[str, Any]:
+    """Build the extended lm_head matrix (vocab_size rows, the base's text rows first) from the memory-mapped base's
+    head, as loading does, and read its text rows once (what the first forward does): ``map`` is uti-peft's way
+    (`uti_peft.memory.extended_matrix`: a second mapping of the file, nothing copied), ``copy`` its fallback where the
+    base is not a clean file mapping (fresh rows + `copy_releasing_source`), ``plain`` a plain ``torch.empty`` +
+    ``copy_`` of the same bytes, then the same copy again between the now resident buffers: memory speed."""
+    import_model_stack()
+    from uti_peft.memory import copy_releasing_source, extended_matrix
+
+    shape = params.shape
+    weight = load_base(paths.base).get_output_embeddings().weight.detach()
+    text, nbytes = weight[: shape.text_vocab], shape.text_vocab * shape.hidden * weight.element_size()
+    start = time.perf_counter()
+    if kind == "map":
+        extended = extended_matrix(weight, shape.text_vocab, shape.vocab_size)
+    else:
+        extended = torch.empty(shape.vocab_size, shape.hidden, dtype=weight.dtype)
+        (copy_releasing_source if kind == "copy" else torch.Tensor.copy_)(extended[: shape.text_vocab], text)
+    built = time.perf_counter()
+    checksum = float(extended[: shape.text_vocab].sum(dtype=torch.float32))  # touches every text row once
+    read = time.perf_counter()
+    result = {"build_s": built - start, "read_s": read - built, "text_bytes": nbytes, "checksum": checksum,
+              "build_gb_per_s": nbytes / 1e9 / (built - start)}
+    if kind == "plain":
+        again = time.perf_counter()
+        extended[: shape.text_vocab].copy_(text)
+        result["resident_copy_gb_per_s"] = nbytes / 1e9 / (time.perf_counter() - again)
+    return result
+
+
 def greedy(model, ids: torch.Tensor, steps: int) -> tuple[float, float, list[int]]:
     """Prefill ``ids`` (last-token logits only, as ``generate`` does), then ``steps`` greedy decode steps with
-    the KV cache. Returns (prefill seconds, decode seconds, generated ids)."""
+    the KV cache. Returns (prefill seconds, decode seconds, generated ids). Each clock is read after the token is
+    read back (``int``), which waits for a GPU's queued kernels."""
     with torch.inference_mode():
         start = time.perf_counter()
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        prefilled = time.perf_counter()
         tokens = [int(token)]
+        prefilled = time.perf_counter()
         for _ in range(steps):
             out = model(input_ids=token, cache=out.cache, use_cache=True)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -143,13 +242,14 @@ def case_inference(paths: Paths, params: Params) -> dict[str, Any]:
     return {"raw": raw, "same_tokens": tokens["ours"] == tokens["merged"], **steady_memory()}
 
 
-def legacy_training_model(paths: Paths, params: Params):
+def legacy_training_model(paths: Paths, params: Params, load: Callable = load_merged):
     """The legacy recipe: the resized model, whole embedding and lm_head trainable, the rest frozen, and a hook
     zeroing the text rows' gradient (into a fresh tensor: tensor hooks must not modify their input).
 
-    The resized model is loaded from the merged checkpoint: its weights equal the legacy-patched model's bit for
-    bit (the load cases check the logits) and it loads in ~1 s instead of the ~40 s of two resizes."""
-    model = load_merged(paths, params)
+    The resized model is the merged checkpoint (``load(paths, params)``, by default onto the CPU): its weights equal
+    the legacy-patched model's bit for bit (the load cases check the logits) and it loads in ~1 s instead of the
+    ~40 s of two resizes."""
+    model = load(paths, params)
     model.requires_grad_(False)
     text_vocab = params.shape.text_vocab
 
@@ -254,11 +354,13 @@ def case_convert(kind: str, paths: Paths, params: Params) -> dict[str, Any]:
 
     if kind == "ours":
         import uti_peft
+
+        convert_legacy = uti_peft.convert_legacy  # imports its modules (peft, transformers) before the clock
     out = paths.scratch(f"convert-{kind}-{os.getpid()}")
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     if kind == "ours":
-        uti_peft.convert_legacy(paths.legacy, out, progress=False)
+        convert_legacy(paths.legacy, out, progress=False)
     else:
         out.mkdir(parents=True)
         ckpt = torch.load(paths.legacy_pt, map_location="cpu", weights_only=True)
@@ -293,15 +395,15 @@ def case_merge(kind: str, layers: int, paths: Paths, params: Params) -> dict[str
     (streamed) or PEFT's way (load, ``merge_and_unload()``, ``save_pretrained``). Time and peak RSS cover the
     whole job; the digest of what was written is taken afterwards."""
     import_model_stack()
-    import uti_peft
+    from uti_peft import merge_adapter  # its modules imported before the clock
 
     before = proc_status()["VmRSS"]
     peak_reset = reset_peak_rss()
-    base, out = paths.merge_base(params, layers), paths.scratch(f"merge-{kind}-{layers}L-{os.getpid()}")
+    base, out = paths.base_of(params, layers), paths.scratch(f"merge-{kind}-{layers}L-{os.getpid()}")
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     if kind == "ours":
-        uti_peft.merge_adapter(base, paths.adapter, out, progress=False)
+        merge_adapter(base, paths.adapter, out, progress=False)
     else:
         from peft import PeftModel
 
@@ -314,11 +416,13 @@ def case_merge(kind: str, layers: int, paths: Paths, params: Params) -> dict[str
     return result
 
 
-MERGE_LAYER_CHOICES = range(1, 9)  # --merge-layers values that have a case
+LAYER_CHOICES = range(1, 37)  # --layers and --merge-layers values that have a case (Qwen3-8B has 36 layers)
 
 CASES: dict[str, Callable[[Paths, Params], dict[str, Any]]] = {
-    "load-ours": lambda p, q: case_load("ours", p, q),
-    "load-merged": lambda p, q: case_load("merged", p, q),
+    **{f"load-{kind}-{n}L": (lambda p, q, kind=kind, n=n: case_load(kind, p, q, n))
+       for kind in ("ours", "merged") for n in LAYER_CHOICES},
+    **{f"cache-{n}L": (lambda p, q, n=n: case_cache(n, p, q)) for n in LAYER_CHOICES},
+    **{f"head-{kind}": (lambda p, q, kind=kind: case_head_build(kind, p, q)) for kind in ("map", "copy", "plain")},
     "load-legacy": lambda p, q: case_load("legacy", p, q),
     "load-legacy-nomean": lambda p, q: case_load("legacy_nomean", p, q),
     "inference": case_inference,
@@ -327,7 +431,7 @@ CASES: dict[str, Callable[[Paths, Params], dict[str, Any]]] = {
     "convert-ours": lambda p, q: case_convert("ours", p, q),
     "convert-plain": lambda p, q: case_convert("plain", p, q),
     **{f"merge-{kind}-{n}L": (lambda p, q, kind=kind, n=n: case_merge(kind, n, p, q))
-       for kind in ("ours", "peft") for n in MERGE_LAYER_CHOICES},
+       for kind in ("ours", "peft") for n in LAYER_CHOICES},
 }
 
 

@@ -66,7 +66,10 @@ class Params:
     full_warmup: bool = False
     seed: int = 0
     dtype: str = "bfloat16"
-    load_probe_tokens: int = 8
+    load_probe_tokens: int = 128
+    warm_forwards: int = 5  # forwards timed after each load: the first is part of "load + first forward"
+    load_reps: int = 5  # repetitions of each load case of the sweep (ours and merged alternating)
+    depths: tuple[int, ...] = (1, 4, 8)  # decoder-layer counts of the load sweep; the first is shape.layers
     merge_layers: tuple[int, ...] = (1, 4)
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,7 +83,8 @@ class Params:
     def from_dict(cls, data: dict[str, Any]) -> "Params":
         """Read back ``to_dict``'s output (the derived sizes are dropped: they follow from the shape)."""
         shape = {k: v for k, v in data["shape"].items() if k not in ("new_rows", "vocab_size")}
-        return cls(**{**data, "shape": Shape(**shape)})
+        tuples = {key: tuple(data[key]) for key in ("depths", "merge_layers")}
+        return cls(**{**data, **tuples, "shape": Shape(**shape)})
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,10 @@ class Paths:
     def scratch(self, name: str) -> Path:
         return self.root / "scratch" / name
 
-    def merge_base(self, params: "Params", layers: int) -> Path:
-        """The base merged with ``layers`` decoder layers (the main base when the layer counts agree)."""
-        return self.base if layers == params.shape.layers else self.root / f"merge-base-{layers}L"
+    def base_of(self, params: "Params", layers: int) -> Path:
+        """The base with ``layers`` decoder layers (the main base when the layer counts agree)."""
+        return self.base if layers == params.shape.layers else self.root / f"base-{layers}L"
+
+    def merged_of(self, params: "Params", layers: int) -> Path:
+        """The merged checkpoint of the ``layers``-layer base (the main one when the layer counts agree)."""
+        return self.merged if layers == params.shape.layers else self.root / f"merged-{layers}L"

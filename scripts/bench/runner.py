@@ -19,10 +19,10 @@ from .params import Params
 ENTRY_POINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench.py")
 
 
-def spawn(names: list[str], workdir: Path, timeout: float) -> list[dict[str, Any]]:
-    """Run cases in one fresh ``python scripts/bench.py --case ...`` process; a case that did not report
-    (timeout, crash) comes back as ``{"timed_out": ...}`` / ``{"error": ...}``."""
-    cmd = [sys.executable, ENTRY_POINT, "--workdir", str(workdir)]
+def spawn(names: list[str], workdir: Path, timeout: float, entry_point: str = ENTRY_POINT) -> list[dict[str, Any]]:
+    """Run cases in one fresh ``python <entry_point> --case ...`` process (default: scripts/bench.py); a case that
+    did not report (timeout, crash) comes back as ``{"timed_out": ...}`` / ``{"error": ...}``."""
+    cmd = [sys.executable, str(entry_point), "--workdir", str(workdir)]
     for name in names:
         cmd += ["--case", name]
     start = time.perf_counter()
@@ -90,7 +90,11 @@ def schedule(params: Params) -> list[tuple[str, float]]:
     """The measurement plan as (case, process timeout) steps; ours and the reference alternate which goes
     first from one repetition to the next."""
     budget = 600.0 if not params.quick else 120.0
-    steps = alternating(["load-ours", "load-merged"], params.reps, budget)
+    steps = []
+    for layers in params.depths:
+        steps.append((f"cache-{layers}L", budget))  # the depth's checkpoints back into the page cache
+        steps += alternating([f"load-ours-{layers}L", f"load-merged-{layers}L"], params.load_reps, budget)
+    steps += [(f"head-{kind}", budget) for _ in range(params.reps) for kind in ("map", "copy", "plain")]
     steps.append(("load-legacy-nomean", budget))  # informational, once
     steps += [("inference", budget), ("train-ours", budget), ("train-legacy", budget)]
     steps += alternating(["convert-ours", "convert-plain"], params.reps, budget)

@@ -1,6 +1,7 @@
 """The checkpoints every case reads, built once in the work dir by the parent before any case runs: a Qwen3 base of
-the benchmark's shape (no download, no slow init), the adapter, the merged and the legacy checkpoints, and one
-base per ``--merge-layers`` count. A ``--workdir`` prepared earlier for the same shape and seed is reused."""
+the benchmark's shape (no download, no slow init), the adapter, the merged and the legacy checkpoints, and a base
+(and for the load sweep a merged checkpoint) per other decoder-layer count. A ``--workdir`` prepared earlier for
+the same shape and seed is reused."""
 
 from __future__ import annotations
 
@@ -84,7 +85,8 @@ def prepare_workdir(paths: Paths, params: Params) -> dict[str, float]:
     import uti_peft
     from uti_peft.tiny import build_token_space
 
-    for p in (paths.base, paths.adapter, paths.merged, paths.legacy, paths.root / "scratch"):
+    other_depths = [*paths.root.glob("base-*L"), *paths.root.glob("merged-*L")]  # built for another shape or seed
+    for p in (paths.base, paths.adapter, paths.merged, paths.legacy, paths.root / "scratch", *other_depths):
         shutil.rmtree(p, ignore_errors=True)
     paths.root.mkdir(parents=True, exist_ok=True)
     shape, timings = params.shape, {}
@@ -123,11 +125,15 @@ def prepare_workdir(paths: Paths, params: Params) -> dict[str, float]:
     return timings
 
 
-def prepare_merge_bases(paths: Paths, params: Params) -> dict[str, float]:
-    """Save a base of each ``merge_layers`` count that the main base is not (kept when already there)."""
+def prepare_depths(paths: Paths, params: Params) -> dict[str, float]:
+    """Save a base of each decoder-layer count of the load sweep (``depths``) and of the merge case
+    (``merge_layers``) that the main base is not, and a merged checkpoint of each sweep depth (``uti-peft merge``,
+    bit-identical to PEFT's ``merge_and_unload``: the merge case checks it); those already there are kept."""
+    import uti_peft
+
     timings = {}
-    for layers in params.merge_layers:
-        path = paths.merge_base(params, layers)
+    for layers in sorted(set(params.depths) | set(params.merge_layers)):
+        path = paths.base_of(params, layers)
         if (path / "config.json").is_file():
             continue
         start = time.perf_counter()
@@ -135,5 +141,12 @@ def prepare_merge_bases(paths: Paths, params: Params) -> dict[str, float]:
         base.save_pretrained(path)
         del base
         gc.collect()
-        timings[f"build_save_merge_base_{layers}L_s"] = time.perf_counter() - start
+        timings[f"build_save_base_{layers}L_s"] = time.perf_counter() - start
+    for layers in params.depths:
+        path = paths.merged_of(params, layers)
+        if (path / "config.json").is_file():
+            continue
+        start = time.perf_counter()
+        uti_peft.merge_adapter(paths.base_of(params, layers), paths.adapter, path, progress=False)
+        timings[f"merge_{layers}L_s"] = time.perf_counter() - start
     return timings
