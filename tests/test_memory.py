@@ -90,6 +90,8 @@ def test_extension_maps_the_kept_rows_from_the_file_without_copying_them(tmp_pat
     # the kept rows are the file's own bytes (a clean private mapping of it), at the same offset as the source
     assert same_file_bytes(text, mapped[:keep])
     assert _file_mapping_of(text).path == str(path)
+    # placed where address = file offset modulo 2 MiB (as the kernel places file mappings): huge pages can map it
+    assert (extended.data_ptr() - header) % (2 << 20) == 0
 
     new_rows = torch.randn(total - keep, 256, generator=torch.Generator().manual_seed(1))
     extended[keep:] = new_rows  # the page shared with the last kept row gets a private copy, nothing else changes

@@ -23,6 +23,7 @@ import torch
 _COPY_CHUNK_BYTES = 64 << 20
 _MADV_DONTNEED = 4  # Linux
 _MAP_FIXED = 0x10  # Linux, every architecture
+_HUGE_PAGE = 2 << 20  # x86-64 and arm64 (4 KiB pages)
 
 
 class _FileMapping(NamedTuple):
@@ -71,11 +72,14 @@ def map_file_rows(weight: torch.Tensor, keep_rows: int, total_rows: int) -> Opti
     file_offset = source.offset + weight.data_ptr() - source.start
     lead = file_offset % page
     text_bytes = _round_up(lead + keep_rows * row_bytes, page)
-    region = mmap.mmap(-1, _round_up(lead + total_rows * row_bytes, page), flags=mmap.MAP_PRIVATE)
+    # one huge page of slack: the file is mapped where address = file offset modulo 2 MiB, as the kernel places
+    # file mappings itself, so that the page cache's huge pages can be mapped whole
+    region = mmap.mmap(-1, _HUGE_PAGE + _round_up(lead + total_rows * row_bytes, page), flags=mmap.MAP_PRIVATE)
     whole = torch.frombuffer(region, dtype=torch.uint8)
-    if text_bytes and not _map_file_over(whole.data_ptr(), text_bytes, source, file_offset - lead):
+    start = (file_offset - lead - whole.data_ptr()) % _HUGE_PAGE
+    if text_bytes and not _map_file_over(whole.data_ptr() + start, text_bytes, source, file_offset - lead):
         return None
-    rows = whole[lead : lead + total_rows * row_bytes].view(weight.dtype)
+    rows = whole[start + lead : start + lead + total_rows * row_bytes].view(weight.dtype)
     return rows.view(total_rows, weight.shape[1])
 
 
