@@ -405,6 +405,8 @@ def _skip_reloading_file_rows(layer: RowExtensionLayer, state_dict: dict, prefix
     adapter file once to build the layers and once more to load them) is a no-op: the entry is replaced by the
     parameter itself, whose copy onto itself PyTorch skips. Any other incoming rows are loaded as usual."""
     for name, rows in layer.trained_rows.items():
+        if name in layer._in_place:  # the head's tail: private memory written at injection, never a file's bytes
+            continue
         key = f"{prefix}{layer.adapter_layer_names[0]}.{name}"
         incoming = state_dict.get(key)
         if torch.is_tensor(incoming) and incoming is not rows and same_file_bytes(incoming, rows):
