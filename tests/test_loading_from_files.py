@@ -98,3 +98,19 @@ def test_loading_the_file_again_restores_rows_changed_in_memory(saved):
         embedding_rows(model).mul_(2)  # written: no longer the file's bytes, so the reload must copy
     set_peft_model_state_dict(model, load_file(adapter_dir / WEIGHTS_NAME))
     assert torch.equal(embedding_rows(model), on_disk[INPUT_ROWS_KEY])
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_trainable_head_takes_the_merged_models_product(saved, token_space, tmp_path, tied):
+    """With gradients on (the rows' own backward), ``logits_to_keep=1`` still gives the merged model's logits."""
+    base_dir, adapter_dir = saved(tied, torch.bfloat16)
+    model = load(base_dir, adapter_dir, torch.bfloat16, is_trainable=True)
+    load(base_dir, adapter_dir, torch.bfloat16).merge_and_unload().save_pretrained(tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.bfloat16)  # weights require grad
+    ids = probe_ids(token_space)
+    ours = model(input_ids=ids, logits_to_keep=1).logits
+    assert ours.requires_grad
+    with torch.no_grad():
+        assert torch.equal(ours.detach(), merged(input_ids=ids, logits_to_keep=1).logits)
+    ours.float().sum().backward()
+    assert embedding_rows(model).grad is not None

@@ -19,7 +19,7 @@ from .params import Params
 ENTRY_POINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench.py")
 
 
-def spawn(names: list[str], workdir: Path, timeout: float, entry_point: str = ENTRY_POINT) -> list[dict[str, Any]]:
+def spawn(names: list[str], workdir: Path, timeout: float, entry_point: "str | Path" = ENTRY_POINT) -> list[dict[str, Any]]:
     """Run cases in one fresh ``python <entry_point> --case ...`` process (default: scripts/bench.py); a case that
     did not report (timeout, crash) comes back as ``{"timed_out": ...}`` / ``{"error": ...}``."""
     cmd = [sys.executable, str(entry_point), "--workdir", str(workdir)]

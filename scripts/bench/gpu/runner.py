@@ -2,43 +2,22 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from .. import runner
 from ..runner import alternating
 from .params import ENTRY_POINT, MIN_CASE_S, GpuParams
 from .report import Run
 
 
 def spawn(names: list[str], workdir: Path, timeout: float) -> list[dict[str, Any]]:
-    """Run cases in one fresh ``python scripts/bench_gpu.py --case ...`` process, killed after ``timeout``
-    seconds; a case that did not report comes back as ``{"failed": why, "timed_out": bool}``."""
-    cmd = [sys.executable, str(ENTRY_POINT), "--workdir", str(workdir)]
-    for name in names:
-        cmd += ["--case", name]
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        stdout, timed_out = proc.stdout, False
-        why = None if proc.returncode == 0 else f"exit {proc.returncode}: {proc.stderr.strip()[-2000:]}"
-    except subprocess.TimeoutExpired as exc:
-        stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        timed_out, why = True, f"killed after its {timeout:.0f} s limit"
-    wall = time.perf_counter() - start
-    reported = {data["case"]: data for data in map(json.loads, filter(lambda line: line.startswith("{"),
-                                                                       stdout.splitlines()))}
-    results = [{**reported[name], "process_wall_s": wall} if name in reported else
-               {"case": name, "failed": why or "no result", "timed_out": timed_out, "process_wall_s": wall}
-               for name in names]
-    failed = [r["case"] for r in results if "failed" in r]
-    last_line = (why or "no result").strip().splitlines()[-1]
-    print(f"  {' + '.join(names)}: {wall:.1f} s" + (f"  FAILED {failed}: {last_line}" if failed else ""),
-          file=sys.stderr, flush=True)
-    return results
+    """The bench's `bench.runner.spawn` on ``scripts/bench_gpu.py``; a case that did not report (crash, timeout) is
+    marked ``{"failed": why, "timed_out": bool}``, as the report reads it."""
+    results = runner.spawn(names, workdir, timeout, entry_point=ENTRY_POINT)
+    return [{**r, "failed": r.get("error") or f"killed: {r.get('killed_by')}", "timed_out": bool(r.get("timed_out"))}
+            if "error" in r or r.get("timed_out") else r for r in results]
 
 
 def schedule(params: GpuParams) -> list[tuple[list[str], float]]:
