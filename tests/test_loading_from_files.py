@@ -114,3 +114,14 @@ def test_trainable_head_takes_the_merged_models_product(saved, token_space, tmp_
         assert torch.equal(ours.detach(), merged(input_ids=ids, logits_to_keep=1).logits)
     ours.float().sum().backward()
     assert embedding_rows(model).grad is not None
+
+
+def test_frozen_head_runs_one_mm_for_the_last_token(saved, token_space):
+    """``logits_to_keep=1`` slices the hidden states with strides ``torch.matmul`` cannot fold for a frozen weight; the
+    head folds them itself, so the forward runs the merged model's ``mm``, never the batched product (which copies
+    the whole head on CPUs)."""
+    model = load(*saved(False, torch.bfloat16), torch.bfloat16)
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        model(input_ids=probe_ids(token_space), logits_to_keep=1)
+    products = {event.key for event in profile.key_averages() if event.key in ("aten::mm", "aten::bmm")}
+    assert products == {"aten::mm"}
