@@ -105,13 +105,6 @@ def test_unknown_tensor_in_adapter_file(make_adapter):
     load_expecting(build_tiny_qwen3(), adapter, uti_peft.RowExtensionError, "base_model.model.lm_head.weight")
 
 
-def test_second_row_extension_adapter_is_refused(make_adapter, token_space):
-    model = PeftModel.from_pretrained(build_tiny_qwen3(), make_adapter())
-    with pytest.raises(uti_peft.RowExtensionError, match="already carries a row-extension adapter"):
-        model.add_adapter("other", uti_peft.RowExtensionConfig(token_space=token_space))
-    assert list(model.peft_config) == ["default"]
-
-
 def test_config_fields_must_agree_with_token_space(token_space):
     with pytest.raises(uti_peft.TokenSpaceError, match="vocab_size is 99 but the token space gives 1576"):
         uti_peft.RowExtensionConfig(token_space=token_space, vocab_size=99)

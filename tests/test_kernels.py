@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from peft import get_peft_model
 
 import uti_peft
-from uti_peft.row_extension.layer import _ExtendedLinear, _text_row_stats, init_rows, mean_rows
+from uti_peft.row_extension.kernels import ExtendedLinear as _ExtendedLinear
+from uti_peft.row_extension.layer import _text_row_stats, init_rows, mean_rows
 from uti_peft.tiny import build_tiny_qwen3
 
 from conftest import TEXT_VOCAB, probe_ids

@@ -1,11 +1,11 @@
 """PEFT's generic tuner behaviours (what its ``PeftCommonTester`` asks of every built-in method) on ROW_EXTENSION.
 
 Behaviours of PEFT's common tests that do not apply, and why:
-- mixed adapter batches, several adapters, ``add_weighted_adapter``, LoRA conversion: a model carries one
-  row-extension adapter (its rows replace base rows; there is no delta to mix, weigh or convert) — the
-  refusals are tested below;
-- ``disable_adapter``: the rows live in the base weight, so there is no base path to fall back to — it raises
-  a clear error (tests/test_model.py, tests/test_transformers_doors.py);
+- mixed adapter batches, several *active* adapters, ``add_weighted_adapter``, LoRA conversion: rows replace base
+  rows (there is no delta to mix, weigh or convert) — the refusals are tested below; several adapters side by side,
+  one active at a time, are tested in tests/test_reference_and_adapters.py;
+- ``disable_adapter``: a vocabulary extension has no base to fall back to (the base has no rows for the new ids), so
+  disabling computes with the rows the adapter started from (tests/test_reference_and_adapters.py);
 - prompt-learning and bias options: not features of this method.
 """
 
@@ -101,13 +101,17 @@ def test_parameter_counts_count_each_element_once(token_space, tied):
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_layers_expose_the_extended_sizes(make_adapter, token_space, tied):
-    model = PeftModel.from_pretrained(build_tiny_qwen3(tied=tied), make_adapter(tied=tied))
+    adapter = make_adapter(tied=tied)
+    model = PeftModel.from_pretrained(build_tiny_qwen3(tied=tied), adapter)
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     assert (embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx) == (VOCAB, 64, None)
     assert (head.in_features, head.out_features) == (64, VOCAB)
+    assert (embedding.in_features, embedding.out_features) == (VOCAB, 64)  # as PEFT's own embedding layers
     merged = copy.deepcopy(model).merge_and_unload()
-    for layer, plain in ((embedding, merged.get_input_embeddings()), (head, merged.get_output_embeddings())):
-        assert torch.equal(layer.effective_weight(), plain.weight)
+    legacy = legacy_model_for(adapter, token_space, tied=tied)
+    for layer, role in ((embedding, "get_input_embeddings"), (head, "get_output_embeddings")):
+        assert torch.equal(layer.get_merged_weights(), getattr(merged, role)().weight)
+        assert torch.equal(layer.get_merged_weights(), getattr(legacy, role)().weight)
     # an untied embedding keeps its rows apart: the base weight is the base's, the effective one is vocab_size long
     assert embedding.weight.shape[0] == (VOCAB if tied else BASE_ROWS)
 
@@ -134,12 +138,10 @@ def test_merging_twice_warns_as_peft_tuners_do(make_adapter, token_space):
     assert torch.equal(logits(model, ids), expected)
 
 
-def test_weighted_and_second_adapters_are_refused(make_adapter, token_space):
+def test_weighted_adapters_are_refused(make_adapter):
     model = PeftModel.from_pretrained(build_tiny_qwen3(), make_adapter())
     with pytest.raises(uti_peft.RowExtensionError, match="add_weighted_adapter is not supported"):
         model.add_weighted_adapter(["default"], [1.0], "combined")
-    with pytest.raises(uti_peft.RowExtensionError, match="already carries a row-extension adapter"):
-        model.add_adapter("other", uti_peft.RowExtensionConfig(token_space=token_space))
 
 
 def test_from_pretrained_with_config_and_device_map(make_adapter, token_space):
@@ -155,10 +157,13 @@ def test_from_pretrained_with_config_and_device_map(make_adapter, token_space):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_merge_in_half_precision_is_exact(make_adapter, token_space, dtype):
     # rows trained in float32 (Adam in fp16 underflows), loaded onto a half-precision base
-    model = PeftModel.from_pretrained(build_tiny_qwen3(dtype=dtype), make_adapter())
+    adapter = make_adapter()
+    model = PeftModel.from_pretrained(build_tiny_qwen3(dtype=dtype), adapter)
     ids = probe_ids(token_space)
     expected = logits(model, ids)
     assert expected.dtype == dtype and expected.isfinite().all()
+    # the legacy recipe casts the file's float32 rows on its own (assignment into the half-precision weight)
+    assert torch.equal(logits(legacy_model_for(adapter, token_space, dtype=dtype), ids), expected)
     merged = model.merge_and_unload()
     assert type(merged).__name__ == "Qwen3ForCausalLM" and merged.config.vocab_size == VOCAB
     assert torch.equal(logits(merged, ids), expected)

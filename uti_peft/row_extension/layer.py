@@ -14,7 +14,7 @@ The effective matrix is ``concat(base[:text_vocab_size], new_rows)``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,22 +24,26 @@ from torch import nn
 
 from ..errors import RowExtensionError
 from ..memory import copy_releasing_source, extended_matrix, same_file_bytes
+from .kernels import ExtendedLinear, RowsInTail, folded, swap_rows
 
 if TYPE_CHECKING:
     from .config import RowExtensionConfig
 
 
 class RowExtensionLayer(nn.Module, BaseTunerLayer):
-    """Common machinery: extend the base weight, keep the new rows attached to its tail, restore it.
+    """Common machinery: extend the base weight, keep the active adapter's rows in its tail, restore it.
 
     Trained rows live in a ParameterDict named after the layer's role (``row_extension_input_rows`` or
     ``row_extension_output_rows``), which is what gives them their on-disk names. Rows that are derived
     rather than trained (an lm_head whose adapter carries no head rows) live in the non-persistent
-    ``row_extension_fixed_rows`` and are neither trained nor saved.
+    ``row_extension_fixed_rows`` and are neither trained nor saved. Several adapters of one token space may
+    sit side by side: in the in-place layout the weight's tail holds the active one's rows, the others keep
+    theirs apart, and `set_adapter` swaps them. ``row_extension_reference_rows`` keeps the rows a trainable
+    adapter started from, which is what the model computes with while adapters are disabled.
     """
 
     adapter_layer_names: tuple[str, ...] = ()
-    other_param_names = ("row_extension_fixed_rows", "row_extension_replaced")
+    other_param_names = ("row_extension_fixed_rows", "row_extension_replaced", "row_extension_reference_rows")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, tied_to: Optional["RowExtensionLayer"] = None):
         super().__init__()
@@ -51,10 +55,12 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
         self._tied_to = [tied_to] if tied_to is not None else []
         setattr(self, self.adapter_layer_names[0], nn.ParameterDict())
         self.row_extension_fixed_rows = BufferDict(persistent=False)
-        # Base rows at or beyond text_vocab_size, kept (not saved) so that unload() restores the base exactly.
+        # Base rows at or beyond text_vocab_size, kept (not saved) so that unload() restores the base exactly;
+        # keyed by the adapter whose rows are in the weight's tail.
         self.row_extension_replaced = BufferDict(persistent=False)
+        self.row_extension_reference_rows = BufferDict(persistent=False)
         self.text_vocab_size: dict[str, int] = {}
-        self._in_place: set[str] = set()  # adapters whose rows are the tail of the base weight
+        self._in_place: set[str] = set()  # the adapter whose rows are the tail of the base weight (at most one)
         self.register_load_state_dict_pre_hook(_skip_reloading_file_rows)
 
     # ------------------------------------------------------------------ set-up
@@ -74,24 +80,22 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
         trainable: bool = True,
         in_place: bool = True,
         copy: bool = True,
+        keep_reference: bool = False,
     ) -> None:
-        """Add the adapter's new rows: a trainable, saved parameter, or (``trainable=False``) a derived buffer.
+        """Add an adapter's new rows: a trainable, saved parameter, or (``trainable=False``) a derived buffer.
 
         ``in_place=True`` replaces base rows ``[text_vocab_size:]`` by ``rows`` and keeps ``rows`` as a view of
-        that tail; ``in_place=False`` (an untied input embedding) keeps them apart from the untouched base weight,
+        that tail (an adapter added beside one already there keeps its rows apart until `set_adapter` makes it
+        active); ``in_place=False`` (an untied input embedding) keeps them apart from the untouched base weight,
         as ``rows`` itself where it already has the weight's dtype and device and ``copy=False`` (rows nobody else
         holds: a memory-mapped adapter file then stays mapped, read when looked up, as transformers keeps weights).
+        ``keep_reference`` keeps a copy of the starting rows for `enable_adapters(False)` (adapters to be trained).
         """
-        if self.text_vocab_size:
-            raise ValueError(
-                f"{type(self).__name__} already holds adapter {self.active_adapters}; a model can carry one "
-                f"row-extension adapter at a time (cannot add {adapter_name!r})"
-            )
         self.text_vocab_size[adapter_name] = text_vocab_size
         if self.tied_to is not None:
             sync_size_attributes(self.base_layer)
             return
-        if in_place:
+        if in_place and not self._in_place:
             rows = self._extend_in_place(adapter_name, rows)
         else:
             weight = self.base_layer.weight
@@ -101,6 +105,8 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
             self.trained_rows[adapter_name] = nn.Parameter(rows, requires_grad=True)
         else:
             self.row_extension_fixed_rows[adapter_name] = rows
+        if keep_reference and trainable:
+            self.row_extension_reference_rows[adapter_name] = rows.detach().clone()
 
     def _extend_in_place(self, adapter_name: str, rows: torch.Tensor) -> torch.Tensor:
         """Make the base weight ``concat(weight[:text_vocab_size], rows)``; return the view of its tail."""
@@ -125,6 +131,17 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
             return owner.trained_rows[adapter_name]
         return owner.row_extension_fixed_rows[adapter_name]
 
+    def _point_rows_at(self, adapter_name: str, storage: torch.Tensor) -> None:
+        rows = self.rows(adapter_name)
+        if isinstance(rows, nn.Parameter):
+            rows.data = storage
+        else:
+            self.row_extension_fixed_rows[adapter_name] = storage
+
+    def _active_row_adapter(self) -> Optional[str]:
+        owner = self.tied_to or self
+        return next((name for name in self.active_adapters if name in owner.text_vocab_size), None)
+
     def attach_rows(self, adapter_name: str) -> None:
         """Make the rows parameter a view of the weight's tail again.
 
@@ -139,16 +156,67 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
             return
         with torch.no_grad():
             tail.copy_(rows.data)
-        if isinstance(rows, nn.Parameter):
-            rows.data = tail
-        else:
-            self.row_extension_fixed_rows[adapter_name] = tail
+        self._point_rows_at(adapter_name, tail)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         if adapter_name in self._in_place:
             self.attach_rows(adapter_name)
         else:
             super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+
+    # ------------------------------------------------------------------ several adapters, disabling
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Activate an adapter; in the in-place layout its rows take the weight's tail (one swap of the rows)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        owner = self.tied_to or self
+        rows_adapters = [name for name in names if name in owner.text_vocab_size]
+        if len(rows_adapters) > 1:
+            raise RowExtensionError(
+                f"set_adapter({rows_adapters}): only one row-extension adapter can be active at a time (their rows "
+                "replace the same rows of the vocabulary)"
+            )
+        super().set_adapter(names, inference_mode=inference_mode)
+        if rows_adapters and self.tied_to is None:
+            self._hold_in_tail(rows_adapters[0])
+
+    def _hold_in_tail(self, adapter_name: str) -> None:
+        if not self._in_place or adapter_name in self._in_place:
+            return
+        (current,) = self._in_place
+        tail, own = self.rows(current).data, self.rows(adapter_name).data
+        swap_rows(tail, own)  # the tail now holds the new adapter's values, ``own`` the previous one's
+        self._point_rows_at(current, own)
+        self._point_rows_at(adapter_name, tail)
+        self._in_place = {adapter_name}
+        self.row_extension_replaced[adapter_name] = self.row_extension_replaced.pop(current)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter; the last one gives the base its rows back, else the tail passes to the next one."""
+        remaining = [name for name in self.text_vocab_size if name != adapter_name]
+        if adapter_name in self._in_place:
+            if not remaining:
+                self.restore_base(adapter_name)
+            else:  # the tail's current values are the deleted adapter's: the next active one is copied in
+                successor = remaining[0]
+                with torch.no_grad():
+                    self.rows(adapter_name).data.copy_(self.rows(successor).data)
+                self._point_rows_at(successor, self.rows(adapter_name).data)
+                self._in_place = {successor}
+                self.row_extension_replaced[successor] = self.row_extension_replaced.pop(adapter_name)
+        self.text_vocab_size.pop(adapter_name, None)
+        super().delete_adapter(adapter_name)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Disabled, the model computes with each adapter's *reference rows*: the rows it had when it was created
+        or loaded for training (an adapter loaded for inference is its own reference). A vocabulary extension has
+        no base to fall back to — the base has no rows for the new ids — so this is what PEFT's ``disable_adapter()``
+        means here, as for PEFT's trainable tokens; the current rows come back when enabled."""
+        if enabled == (not self._disable_adapters):
+            return
+        name = self._active_row_adapter()
+        if self.tied_to is None and name in self.row_extension_reference_rows:
+            swap_rows(self.rows(name).data, self.row_extension_reference_rows[name])
+        self._disable_adapters = not enabled
 
     # ------------------------------------------------------------------ merge / unload
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -160,9 +228,11 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
         for name in check_adapters_to_merge(self, adapter_names):
             if safe_merge and not torch.isfinite(self.rows(name)).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            if self.tied_to is None and name not in self._in_place:
+            if self.tied_to is None and not self._in_place:
                 rows = self.rows(name)
                 rows.data = self._extend_in_place(name, rows.detach())
+            elif self.tied_to is None:
+                self._hold_in_tail(name)
             self.attach_rows(name)
             self.merged_adapters.append(name)
 
@@ -222,20 +292,13 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
                 return
             weight.copy_(value)
 
-    def enable_adapters(self, enabled: bool) -> None:
-        if not enabled:
-            raise RuntimeError(
-                "A row-extension adapter cannot be disabled: its rows replace the base model's rows at and beyond "
-                "text_vocab_size inside the base weight, so there is no separate base path to fall back to. For "
-                "text-only scores use logits[..., :text_vocab_size]; to get the original base back use unload()."
-            )
-        self._disable_adapters = False
-
+    # ------------------------------------------------------------------ the effective matrix
     def _training_rows(self) -> Optional[nn.Parameter]:
-        """The rows when gradients must reach them in this forward, else None (plain full-width path)."""
-        if self.merged or not self.active_adapters or not torch.is_grad_enabled():
+        """The rows when gradients must reach them in this computation, else None (plain full-width path)."""
+        name = self._active_row_adapter()
+        if self.merged or self.disable_adapters or name is None or not torch.is_grad_enabled():
             return None
-        rows = self.rows(self.active_adapters[0])
+        rows = self.rows(name)
         return rows if isinstance(rows, nn.Parameter) and rows.requires_grad else None
 
     def _prepare_forward(self) -> None:
@@ -245,19 +308,29 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
 
     def effective_rows(self) -> int:
         """Rows of the effective matrix: ``vocab_size`` while an adapter is active, else the base's own."""
-        name = self.active_adapters[0] if self.active_adapters else None
-        if name not in self.text_vocab_size:
+        name = self._active_row_adapter()
+        if name is None:
             return self.base_layer.weight.shape[0]
         return self.text_vocab_size[name] + self.rows(name).shape[0]
 
-    def effective_weight(self) -> torch.Tensor:
-        """The ``[vocab_size, hidden]`` matrix this layer computes with: the base weight itself where the rows
-        live in its tail, else (an untied input embedding, whose rows are kept apart) a new concatenation."""
+    def get_merged_weights(self) -> torch.Tensor:
+        """The ``[vocab_size, hidden]`` matrix this layer computes with (the inherited ``.weight`` of a tuner layer
+        is the base layer's weight).
+
+        In the in-place layout (the lm_head, a tied embedding) it is the base weight itself, whose tail holds the
+        active rows — while those rows train, a differentiable view of it (`RowsInTail`), so a consumer that
+        multiplies by it trains them. An untied embedding keeps its rows apart: a new concatenation.
+        """
+        self._prepare_forward()
         weight = self.base_layer.weight
-        name = self.active_adapters[0] if self.active_adapters else None
-        if name not in self.text_vocab_size or weight.shape[0] == self.effective_rows():
-            return weight
-        return torch.cat([weight[: self.text_vocab_size[name]], self.rows(name).to(weight.dtype)])
+        name = self._active_row_adapter()
+        if name is None or weight.shape[0] != self.effective_rows():
+            rows = self.rows(name) if name is not None and not self.disable_adapters else None
+            if rows is None:
+                return weight
+            return torch.cat([weight[: self.text_vocab_size[name]], rows.to(weight.dtype)])
+        rows = self._training_rows()
+        return weight if rows is None else RowsInTail.apply(weight, rows)
 
     def __repr__(self) -> str:
         return "row_extension." + super().__repr__()
@@ -269,7 +342,8 @@ class RowExtensionEmbedding(RowExtensionLayer):
 
     adapter_layer_names = ("row_extension_input_rows",)
 
-    # what nn.Embedding exposes (and libraries read), with the extended row count
+    # what nn.Embedding exposes (and libraries read), with the extended row count; and, as PEFT's own embedding
+    # layers do, in_features/out_features
     @property
     def num_embeddings(self) -> int:
         return self.effective_rows()
@@ -279,14 +353,25 @@ class RowExtensionEmbedding(RowExtensionLayer):
         return self.base_layer.embedding_dim
 
     @property
+    def in_features(self) -> int:
+        return self.effective_rows()
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.embedding_dim
+
+    @property
     def padding_idx(self) -> Optional[int]:
         return self.base_layer.padding_idx
 
     def forward(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self._prepare_forward()
-        name = self.active_adapters[0] if self.active_adapters else None
-        separate = name in self.text_vocab_size and name not in self._in_place
-        rows = self.rows(name) if separate else self._training_rows()
+        name = self._active_row_adapter()
+        separate = name is not None and name not in self._in_place
+        if separate:
+            rows = self.rows(name) if not self.disable_adapters else self.rows(name).detach()
+        else:
+            rows = self._training_rows()
         if rows is None:  # the extended base weight serves every id, nothing to differentiate
             return self.base_layer(input_ids, *args, **kwargs)
         text_vocab_size = self.text_vocab_size[name]
@@ -307,7 +392,11 @@ class RowExtensionEmbedding(RowExtensionLayer):
 
 
 class RowExtensionLinear(RowExtensionLayer):
-    """lm_head with new rows: one full-width matmul (exact), gradients only to the new rows."""
+    """lm_head with new rows: one full-width matmul (exact), gradients only to the new rows.
+
+    ``.weight`` is `get_merged_weights()`: what fused heads (TRL's, fused cross-entropy) read instead of calling
+    the module, so the rows train through them too.
+    """
 
     adapter_layer_names = ("row_extension_output_rows",)
 
@@ -320,86 +409,20 @@ class RowExtensionLinear(RowExtensionLayer):
     def out_features(self) -> int:
         return self.effective_rows()
 
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.get_merged_weights()
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base_layer.bias
+
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self._prepare_forward()
         rows = self._training_rows()
         if rows is None:
-            return _folded(lambda x: self.base_layer(x, *args, **kwargs), hidden_states, self.base_layer.bias)
-        return _ExtendedLinear.apply(hidden_states, rows, self.base_layer.weight, self.base_layer.bias)
-
-
-def _folded(
-    linear: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bias: Optional[torch.Tensor]
-) -> torch.Tensor:
-    """``linear(x)`` computed as the 2-D product ``mm(x.view(-1, in), weight.T)``, whatever ``x``'s strides.
-
-    ``torch.matmul`` folds a 3-D input into one ``mm`` when the weight requires grad (every weight of a model as
-    transformers loads it, so of a merged or legacy-patched one), but, for a frozen weight (ours), only when the
-    input's leading strides allow a view: ``logits_to_keep=1``'s ``hidden[:, -1:]`` does not, and the CPU then
-    runs a batched product that copies the whole transposed head first (~4 s per forward at 164,021 x 4,096 in
-    bf16, against 0.08 s). Folding here takes the very ``mm`` the merged model takes: the same logits, bit for bit.
-    With a bias PyTorch's own path does not depend on ``requires_grad``, so ``linear`` gets ``x`` as it is.
-    """
-    if x.dim() <= 2 or bias is not None:
-        return linear(x)
-    return linear(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
-
-
-class _ExtendedLinear(torch.autograd.Function):
-    """``F.linear(x, weight, bias)`` whose weight gradient is computed for the tail rows only.
-
-    ``weight``'s tail *is* ``rows`` (a view), so the forward is the plain full-width op; the backward
-    returns the input gradient and ``d/d rows`` without ever forming the ``[vocab, hidden]`` gradient.
-    Under autocast the forward ran in a lower precision; the backward computes in the gradient's dtype
-    and casts each gradient back to its input's dtype, as autocast's own cast ops would.
-
-    On the CPU a bf16/fp16 product is computed as float32 GEMMs over blocks of its reduction dimension
-    (``reduction_block`` at a time, operands first rounded to the gradient's dtype) and rounded to that
-    dtype once at the end: what a low-precision GEMM with float32 accumulation gives, without the CPU's
-    slow low-precision GEMM (on AVX2 without native bf16, ``grad @ weight`` over a 164k vocabulary ran at
-    ~0.3 GFLOP/s, ~20 s per token) and without a float32 copy of the whole matrix.
-    Elsewhere (GPUs) and in float32/float64 it is the plain matmul.
-    """
-
-    reduction_block = 16384  # rows of the reduction dimension converted to float32 at a time (CPU bf16/fp16)
-
-    @staticmethod
-    def forward(ctx, x, rows, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.num_rows, ctx.rows_dtype = rows.shape[0], rows.dtype
-        return _folded(lambda t: F.linear(t, weight, bias), x, bias)  # the merged model's product (frozen weight)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        grad_x = grad_rows = None
-        if ctx.needs_input_grad[0]:
-            grad = grad_out.reshape(-1, grad_out.shape[-1])
-            grad_x = _ExtendedLinear._matmul(grad, weight).view(*grad_out.shape[:-1], weight.shape[1]).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            tail = grad_out[..., -ctx.num_rows :].reshape(-1, ctx.num_rows)
-            grad_rows = _ExtendedLinear._matmul(tail.T, x.reshape(-1, x.shape[-1])).to(ctx.rows_dtype)
-        return grad_x, grad_rows, None, None
-
-    @staticmethod
-    def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``a @ b.to(a.dtype)`` for 2-D ``a`` ``[m, k]`` and ``b`` ``[k, n]``, in ``a``'s dtype."""
-        dtype = a.dtype
-        if a.device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
-            return a @ b.to(dtype)
-        k = a.shape[1]
-        block = max(1, min(int(_ExtendedLinear.reduction_block), k))
-        out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float32)
-        # Reused buffers: a fresh float32 copy per block costs more (page faults) than the conversion.
-        a_buf = torch.empty(a.shape[0], block, dtype=torch.float32)
-        b_buf = torch.empty(block, b.shape[1], dtype=torch.float32)
-        for start in range(0, k, block):
-            stop = min(start + block, k)
-            a_block, b_block = a_buf[:, : stop - start], b_buf[: stop - start]
-            a_block.copy_(a[:, start:stop])
-            b_block.copy_(b[start:stop].to(dtype))  # exact in float32; .to rounds a wider b as ``b.to(dtype)``
-            out.addmm_(a_block, b_block)
-        return out.to(dtype)
+            return folded(lambda x: self.base_layer(x, *args, **kwargs), hidden_states, self.base_layer.bias)
+        return ExtendedLinear.apply(hidden_states, rows, self.base_layer.weight, self.base_layer.bias)
 
 
 def _skip_reloading_file_rows(layer: RowExtensionLayer, state_dict: dict, prefix: str, *args) -> None:

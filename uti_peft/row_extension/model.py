@@ -76,10 +76,9 @@ class RowExtensionModel(BaseTuner):
     def _check_tied_module_exists(self, peft_config: RowExtensionConfig, key: str) -> bool:
         """A tied lm_head is created after the other targets (PEFT's order for tied modules): it needs the input
         embedding's layer to exist first."""
-        embedding = self.model.get_input_embeddings()
-        shared = getattr(embedding, "base_layer", embedding).weight
+        shared = _base_weight(self.model.get_input_embeddings())
         target = self.model.get_submodule(key)
-        return target is self.model.get_output_embeddings() and getattr(target, "weight", None) is shared
+        return target is self.model.get_output_embeddings() and _base_weight(target) is shared
 
     # ------------------------------------------------------------------ injection
     def inject_adapter(
@@ -91,11 +90,13 @@ class RowExtensionModel(BaseTuner):
         state_dict: Optional[dict[str, torch.Tensor]] = None,
     ) -> None:
         config = self.peft_config[adapter_name]
-        existing = [n for n, m in model.named_modules() if isinstance(m, RowExtensionLayer)]
-        if existing:
-            raise RowExtensionError(
-                f"the model already carries a row-extension adapter (on {existing}); cannot add {adapter_name!r}"
-            )
+        others = {n: c for n, c in self.peft_config.items() if n != adapter_name and isinstance(c, RowExtensionConfig)}
+        _check_beside(config, adapter_name, others)
+        copied = next((name for name, other in others.items() if other is config), None)
+        if copied is not None and state_dict is None:
+            # the very config of an adapter already here (TRL's reference adapter: ``add_adapter("ref", config)``):
+            # the new adapter starts as a copy of that adapter's current rows, not from new ones
+            state_dict = self._current_rows(copied)
         # ``state_dict`` (transformers' ``load_adapter(adapter_state_dict=...)``) holds the rows to load; PEFT would
         # use its keys to pick targets, which ours are not named after, so it is not passed on.
         self._plan = plan = _plan_injection(model, config, state_dict)
@@ -103,10 +104,11 @@ class RowExtensionModel(BaseTuner):
             super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage)
         finally:
             del self._plan
-        text_config = model.config.get_text_config()
-        self._original_config = (text_config.vocab_size, model.config.pad_token_id)
-        text_config.vocab_size = config.vocab_size
-        model.config.pad_token_id = config.pad_token_id
+        if not others:
+            text_config = model.config.get_text_config()
+            self._original_config = (text_config.vocab_size, model.config.pad_token_id)
+            text_config.vocab_size = config.vocab_size
+            model.config.pad_token_id = config.pad_token_id
         if plan.lora is not None:
             load_lora(self, *plan.lora, config.lora_adapter, inference_mode=config.inference_mode)
 
@@ -122,37 +124,46 @@ class RowExtensionModel(BaseTuner):
     ) -> None:
         plan: _Plan = self._plan
         text_vocab_size = peft_config.text_vocab_size
+        keep_reference = not peft_config.inference_mode  # the rows disabling falls back to (see enable_adapters)
         if target is plan.input_module:
-            new_module = RowExtensionEmbedding(target, adapter_name)
             # a tied lm_head needs the full-width matrix; an untied embedding keeps its rows apart (no copy)
-            new_module.update_layer(
-                adapter_name, text_vocab_size, plan.input_rows, in_place=plan.tied, copy=not plan.rows_owned
-            )
+            rows, kwargs = plan.input_rows, {"in_place": plan.tied, "copy": not plan.rows_owned}
         elif target is plan.output_module and plan.tied:
-            owner = self.model.get_input_embeddings()
-            new_module = RowExtensionLinear(target, adapter_name, tied_to=owner)
-            new_module.update_layer(adapter_name, text_vocab_size, plan.input_rows)
+            rows, kwargs = plan.input_rows, {}
         elif target is plan.output_module:
-            new_module = RowExtensionLinear(target, adapter_name)
-            new_module.update_layer(
-                adapter_name, text_vocab_size, plan.output_rows, trainable=plan.output_trained
-            )
+            rows, kwargs = plan.output_rows, {"trainable": plan.output_trained}
         else:
             raise RowExtensionError(
                 f"target module {current_key!r} is neither the input embedding nor the lm_head of the model"
             )
+        if isinstance(target, RowExtensionLayer):  # an adapter beside those already there
+            target.update_layer(adapter_name, text_vocab_size, rows, keep_reference=keep_reference, **kwargs)
+            return
+        if target is plan.output_module and plan.tied:
+            new_module = RowExtensionLinear(target, adapter_name, tied_to=self.model.get_input_embeddings())
+        else:
+            new_module = (RowExtensionEmbedding if target is plan.input_module else RowExtensionLinear)(target, adapter_name)
+        new_module.update_layer(adapter_name, text_vocab_size, rows, keep_reference=keep_reference, **kwargs)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _current_rows(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """An adapter's trained rows under their on-disk names, detached (what its saved file would hold)."""
+        return {
+            _CANONICAL_KEYS[module.adapter_layer_names[0]]: module.trained_rows[adapter_name].detach()
+            for module in self.model.modules()
+            if isinstance(module, RowExtensionLayer) and adapter_name in module.trained_rows
+        }
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """Deliberately a no-op: the rows live inside the base weight and share its dtype, which is what makes
         a bf16 model bit-identical to the legacy-patched one (PEFT would upcast them to float32)."""
 
     def add_weighted_adapter(self, *args, **kwargs) -> None:
-        """Refused: a model carries one row-extension adapter, and its rows replace base rows rather than adding a
-        weighted delta, so there is nothing to combine."""
+        """Refused: row-extension rows replace base rows rather than adding a weighted delta, so there is nothing to
+        combine."""
         raise RowExtensionError(
-            "add_weighted_adapter is not supported for row-extension adapters: a model carries one, and its rows "
-            "replace the base's rows instead of adding a delta that could be weighted"
+            "add_weighted_adapter is not supported for row-extension adapters: their rows replace the base's rows "
+            "instead of adding a delta that could be weighted"
         )
 
     # ------------------------------------------------------------------ unload / delete
@@ -167,15 +178,14 @@ class RowExtensionModel(BaseTuner):
         return model
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Deleting a row-extension adapter gives the base its rows (and config) back."""
-        for module in self.model.modules():
-            if isinstance(module, RowExtensionLayer) and adapter_name in module.row_extension_replaced:
-                module.restore_base(adapter_name)
+        """Deleting a row-extension adapter passes the weight's tail to the next one; the last gives the base its rows
+        (and config) back."""
         super().delete_adapter(adapter_name)
         for module in _embedding_modules(self.model):
             if module is not None:
                 sync_size_attributes(module.get_base_layer() if isinstance(module, RowExtensionLayer) else module)
-        self._restore_config(self.model)
+        if not any(isinstance(c, RowExtensionConfig) for c in self.peft_config.values()):
+            self._restore_config(self.model)
 
     def _restore_config(self, model: nn.Module) -> None:
         vocab_size, pad_token_id = self._original_config
@@ -210,6 +220,29 @@ def _embedding_modules(model: nn.Module) -> tuple[nn.Module, Optional[nn.Module]
     return model.get_input_embeddings(), model.get_output_embeddings()
 
 
+def _base_weight(module: nn.Module) -> torch.Tensor:
+    """The weight a module holds itself (a row-extension layer's ``.weight`` may be a view made for training)."""
+    return module.get_base_layer().weight if isinstance(module, RowExtensionLayer) else module.weight
+
+
+def _check_beside(config: RowExtensionConfig, adapter_name: str, others: dict[str, RowExtensionConfig]) -> None:
+    """Row adapters side by side replace the same rows: they must share the token space; a LoRA companion belongs
+    to the first one only."""
+    for name, other in others.items():
+        if other.token_space_sha256 != config.token_space_sha256:
+            raise RowExtensionError(
+                f"adapter {adapter_name!r} has token space {config.token_space_sha256[:12]} (text_vocab_size "
+                f"{config.text_vocab_size}, vocab_size {config.vocab_size}) but the model's row-extension adapter "
+                f"{name!r} has {other.token_space_sha256[:12]} (text_vocab_size {other.text_vocab_size}, vocab_size "
+                f"{other.vocab_size}): adapters side by side need the same token space; load it onto a fresh base"
+            )
+    if others and config.lora_adapter is not None:
+        raise RowExtensionError(
+            f"adapter {adapter_name!r} carries LoRA adapter {config.lora_adapter!r}: a LoRA companion can only come "
+            f"with the model's first row-extension adapter ({next(iter(others))!r}); load it onto a fresh base"
+        )
+
+
 def _module_name(model: nn.Module, module: nn.Module) -> str:
     for name, candidate in model.named_modules():
         if candidate is module:
@@ -237,24 +270,25 @@ def _base_embeddings(model: nn.Module, config: RowExtensionConfig) -> tuple[dict
         raise RowExtensionError("the base model has no input embedding (get_input_embeddings() returned none)")
     modules = {"input": input_module} if output_module is None else {"input": input_module, "output": output_module}
     names = {role: _module_name(model, module) for role, module in modules.items()}
+    weights = {role: _base_weight(module) for role, module in modules.items()}
     for role, module in modules.items():
-        if module.weight.device.type == "meta":
+        if weights[role].device.type == "meta":
             raise RowExtensionError(
                 f"base {names[role]} has no weights in memory (offloaded to the meta device); load the base with "
                 "its embeddings on a real device"
             )
-        rows = module.weight.shape[0]
+        rows = weights[role].shape[0]
         if rows < config.text_vocab_size:
             raise RowExtensionError(
                 f"base {names[role]} has {rows} rows, fewer than the token space's text_vocab_size "
                 f"{config.text_vocab_size}"
             )
-    if output_module is not None and output_module.weight.shape[1] != input_module.weight.shape[1]:
+    if output_module is not None and weights["output"].shape[1] != weights["input"].shape[1]:
         raise RowExtensionError(
-            f"base {names['output']} hidden size {output_module.weight.shape[1]} differs from "
-            f"{names['input']} hidden size {input_module.weight.shape[1]}"
+            f"base {names['output']} hidden size {weights['output'].shape[1]} differs from "
+            f"{names['input']} hidden size {weights['input'].shape[1]}"
         )
-    return modules, names, output_module is not None and output_module.weight is input_module.weight
+    return modules, names, output_module is not None and weights["output"] is weights["input"]
 
 
 def _read_saved(model: nn.Module, config: RowExtensionConfig, state_dict: Optional[dict], input_module: nn.Module):
@@ -292,7 +326,7 @@ def _input_rows(saved: dict, tied: bool, config: RowExtensionConfig, input_modul
         return saved[OUTPUT_ROWS_KEY]
     if INPUT_ROWS_KEY in saved:
         return saved[INPUT_ROWS_KEY]
-    return init_rows(input_module.weight, config)
+    return init_rows(_base_weight(input_module), config)
 
 
 def _output_rows(saved: dict, where: Optional[str], config: RowExtensionConfig, output_module: nn.Module, names: dict):
@@ -310,8 +344,8 @@ def _output_rows(saved: dict, where: Optional[str], config: RowExtensionConfig, 
             f"embedding: the head's new rows {config.text_vocab_size}..{config.vocab_size - 1} are set to the "
             "mean of its text rows (not trained, not saved); the legacy loader drew them at random"
         )
-        return mean_rows(output_module.weight, config.text_vocab_size, config.num_new_rows), False
-    return init_rows(output_module.weight, config), True
+        return mean_rows(_base_weight(output_module), config.text_vocab_size, config.num_new_rows), False
+    return init_rows(_base_weight(output_module), config), True
 
 
 def canonical_rows(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
