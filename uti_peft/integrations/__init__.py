@@ -1,0 +1,1 @@
+"""Integrations with training libraries that a user imports explicitly (nothing here runs on ``import uti_peft``)."""
