@@ -158,3 +158,43 @@ def test_init_rows_mean_noise_statistics(token_space):
     noise = (new.double() - text.mean(0)) / (text.std(0) * config.init_noise_factor)
     assert abs(float(noise.mean())) < 0.05 and abs(float(noise.std()) - 1) < 0.05
     assert torch.equal(mean_rows(weight, config.text_vocab_size, config.num_new_rows)[0], text.mean(0).to(torch.bfloat16))
+
+
+def _fused_consumer_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """What a fused cross-entropy kernel does: the backbone's hidden states times ``lm_head.weight``, never the
+    head module itself."""
+    hidden = model.get_base_model().model(input_ids=ids).last_hidden_state[:, :-1]
+    weight = model.get_output_embeddings().weight
+    logits = (hidden.reshape(-1, hidden.shape[-1]) @ weight.T).float()
+    return F.cross_entropy(logits, ids[:, 1:].reshape(-1))
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_consumer_of_the_head_weight_trains_the_rows(token_space, dtype, tied):
+    """``lm_head.weight`` is the extended matrix, differentiable w.r.t. the rows only, without a copy: the rows'
+    gradient through it is the unfused forward's, both measured against the same model in float64."""
+    model = get_peft_model(build_tiny_qwen3(dtype=dtype, tied=tied), uti_peft.RowExtensionConfig(token_space=token_space))
+    head = model.get_output_embeddings()
+    ids = probe_ids(token_space)
+    weight = head.weight
+    assert weight.requires_grad and weight.shape == (token_space.vocab_size, 64)
+    assert weight.data_ptr() == head.base_layer.weight.data_ptr()  # a view of the (mapped) head, not a copy
+    with torch.no_grad():
+        assert head.weight is head.base_layer.weight  # inference reads the frozen weight itself
+
+    def row_grads(peft_model, loss_fn):
+        peft_model.zero_grad()
+        loss_fn(peft_model, ids).backward()
+        return {n.split(".")[-2]: p.grad.double() for n, p in peft_model.named_parameters() if p.requires_grad}
+
+    fused = row_grads(model, _fused_consumer_loss)
+    assert head.base_layer.weight.grad is None  # the text rows get none, nothing full-size is kept
+    unfused = row_grads(model, lambda m, i: m(input_ids=i, labels=i).loss)
+    exact = row_grads(copy.deepcopy(model).double(), lambda m, i: m(input_ids=i, labels=i).loss)
+    eps = torch.finfo(dtype).eps
+    for name, reference in exact.items():
+        scale = reference.norm()
+        our_error = (fused[name] - reference).norm() / scale
+        unfused_error = (unfused[name] - reference).norm() / scale
+        assert our_error <= 2 * unfused_error + eps / 2, (name, float(our_error), float(unfused_error))
