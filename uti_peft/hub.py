@@ -102,7 +102,7 @@ def push_model(model: Any, repo_id: str, **kwargs: Any) -> CommitInfo:
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise TypeError(f"push_to_hub() got unexpected keyword arguments {unknown}")
-    # the tuner allows one row-extension adapter per model (plus, under "default", its LoRA)
+    # the model's first row-extension adapter (its LoRA, if any, comes with "default")
     adapter_name, _ = find_row_extension_adapter(model.peft_config)
     with tempfile.TemporaryDirectory(prefix="uti-peft-push-") as tmp:
         model.save_pretrained(tmp)
