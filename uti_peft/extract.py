@@ -40,7 +40,7 @@ from transformers.utils import logging as hf_logging
 from .card import _version, write_model_card
 from .constants import CONFIG_NAME, INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, PEFT_KEY_PREFIX, TOKEN_SPACE_NAME, WEIGHTS_NAME
 from .errors import ExtractError, MergeError, RowExtensionError
-from .merge import _BASE_FILES, _meta_model, _module_names, _Stored, read_checkpoint, resolve_dir
+from .merge import _BASE_FILES, _TOKENIZER_FILES, _meta_model, _module_names, _Stored, read_checkpoint, resolve_dir
 from .output import PathLike, atomic_output
 from .paths import looks_like_path
 from .row_extension.config import RowExtensionConfig
@@ -214,12 +214,14 @@ def _classify(name: str) -> tuple[str, Optional[int]]:
 
 
 def _tokenizer(directory: str, what: str) -> Any:
-    try:
-        return AutoTokenizer.from_pretrained(directory)
-    except Exception as exc:
-        raise ExtractError(f"no token space: {what} {directory!r} has no {TOKEN_SPACE_NAME} and its tokenizer cannot "
-                           f"be loaded to infer one ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
-                           "pass --token-space") from None
+    reason = "it has no tokenizer files"
+    if any(os.path.isfile(os.path.join(directory, name)) for name in _TOKENIZER_FILES):
+        try:
+            return AutoTokenizer.from_pretrained(directory)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    raise ExtractError(f"no token space: the source has no {TOKEN_SPACE_NAME} and the {what} {directory!r} has no "
+                       f"tokenizer to infer one from ({reason}); pass --token-space")
 
 
 # ---------------------------------------------------------------------- comparing
@@ -402,10 +404,11 @@ def _plan_peft(base: _Base, source_dir: str, kind: str, space: TokenSpace, max_d
     if base.head_name:
         paths[base.head_name.removesuffix(".weight")] = OUTPUT_ROWS_KEY
     lora, matrices, deltas = {}, {}, {}
-    for key, tensor in weights.items():
+    for key, tensor in sorted(weights.items(), key=lambda item: ".modules_to_save." in item[0]):
         relative = key.removeprefix(PEFT_KEY_PREFIX)
-        module = re.sub(r"\.(modules_to_save\.[^.]+|original_module|token_adapter)(?=\.)", "", relative)
-        module = module.rsplit(".", 1)[0]
+        if ".original_module." in relative:
+            continue  # the module modules_to_save replaced: the resized base's own, which the model does not use
+        module = re.sub(r"\.(modules_to_save(\.[^.]+)?|token_adapter)(?=\.)", "", relative).rsplit(".", 1)[0]
         if ".lora_" in relative:
             if relative.partition(".lora_")[0] in paths:
                 raise ExtractError(f"{where}: {key} is a LoRA of the vocabulary matrix {relative.partition('.lora_')[0]!r}:"
@@ -414,10 +417,12 @@ def _plan_peft(base: _Base, source_dir: str, kind: str, space: TokenSpace, max_d
         elif relative.endswith(f".{_DELTA}") and module in paths:
             deltas[paths[module]] = (key, tensor)
         elif relative.endswith(".weight") and module in paths:
-            matrices[paths[module]] = (key, tensor)
+            matrices[paths[module]] = (key, tensor)  # a modules_to_save copy (sorted last) wins over a plain save
         else:
             raise ExtractError(f"{where}: {key} {list(tensor.shape)} is neither a LoRA weight nor the embedding / "
                                "lm_head: not a vocabulary extension")
+    if base.head is None and INPUT_ROWS_KEY in matrices and OUTPUT_ROWS_KEY not in matrices:
+        _check_tied_copy(config, base, where)
     if kind == TRAINABLE_TOKENS or deltas:
         rows, drift, notes = _rows_from_deltas(base, config, deltas, matrices, where, space, max_drift)
     else:
@@ -428,6 +433,19 @@ def _plan_peft(base: _Base, source_dir: str, kind: str, space: TokenSpace, max_d
         check_lora_weights(lora, base.model, source_dir)
         plan.lora = (_companion_config(config), lora)
     return plan
+
+
+def _check_tied_copy(config: Any, base: _Base, where: str) -> None:
+    """On a tied base, a ``modules_to_save`` copy of the embedding unties it from the head (unless
+    ``ensure_weight_tying``): PEFT's head then keeps the rows of the base the user resized, which no file holds."""
+    saved = getattr(config, "modules_to_save", None) or ()
+    embed = base.embed.removesuffix(".weight")
+    if any(embed == m or embed.endswith(f".{m}") for m in saved) and not getattr(config, "ensure_weight_tying", False):
+        raise ExtractError(
+            f"{where}: modules_to_save copies the embedding of a tied base without ensure_weight_tying, so under PEFT "
+            "the lm_head keeps the new rows of the base you resized, which the adapter does not hold; save the "
+            "lm_head too (modules_to_save=['embed_tokens', 'lm_head']) or train with ensure_weight_tying=True"
+        )
 
 
 def _weights_file(source_dir: str) -> str:
