@@ -363,3 +363,26 @@ def test_cli_writes_and_refuses_an_existing_output(tmp_path, token_space, capsys
     with pytest.raises(SystemExit) as info:  # argparse's own usage error: one line, exit 2
         main(["extract", str(base), str(source), "-o", str(tmp_path / "x"), "--max-text-drift", "-1"])
     assert info.value.code == 2 and "must be a finite number >= 0, got -1" in capsys.readouterr().err
+
+
+def test_inspect_recognises_what_extract_accepts(tmp_path, token_space, capsys):
+    source = save_resized(tmp_path / "resized", token_space)
+    model = get_peft_model(resized(token_space), LoraConfig(r=4, target_modules=PROJECTIONS,
+                                                           modules_to_save=["embed_tokens", "lm_head"]))
+    model.save_pretrained(tmp_path / "lora")
+    get_peft_model(resized(token_space), TrainableTokensConfig(token_indices=list(range(TEXT_VOCAB, FULL)),
+                                                               target_modules=["embed_tokens"])).save_pretrained(
+        tmp_path / "tokens")
+    capsys.readouterr()
+    expected = {"resized": (CHECKPOINT, "vocab_rows"), "lora": (LORA, "vocabulary_tensors"),
+                "tokens": (TRAINABLE_TOKENS, "token_indices")}
+    for name, (kind, field) in expected.items():
+        assert main(["inspect", str(tmp_path / name), "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["format"] == kind and field in info, info
+        assert info["next"] == f"uti-peft extract BASE {tmp_path / name} -o ADAPTER"
+    info = uti_peft.legacy.inspect_checkpoint(source)
+    assert (info["vocab_rows"], info["row_range"]) == (FULL, f"[{TEXT_VOCAB}, {FULL})")
+    vocabulary = uti_peft.legacy.inspect_checkpoint(tmp_path / "lora")["vocabulary_tensors"]
+    assert vocabulary["base_model.model.model.embed_tokens.weight"] == "[1576, 64] F32"
+    assert uti_peft.legacy.inspect_checkpoint(tmp_path / "tokens")["token_indices"] == "576 ids, 1000..1575"

@@ -40,6 +40,7 @@ from transformers.utils import logging as hf_logging
 from .card import _version, write_model_card
 from .constants import CONFIG_NAME, INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, PEFT_KEY_PREFIX, TOKEN_SPACE_NAME, WEIGHTS_NAME
 from .errors import ExtractError, MergeError, RowExtensionError
+from .files import read_safetensors_header
 from .merge import _BASE_FILES, _TOKENIZER_FILES, _meta_model, _module_names, _Stored, read_checkpoint, resolve_dir
 from .output import PathLike, atomic_output
 from .paths import looks_like_path
@@ -56,6 +57,8 @@ _FREE_CONFIG_FIELDS = {
     "_name_or_path", "use_cache", "architectures",
 }
 _DELTA = "trainable_tokens_delta"
+EXTRACTABLE = ("LORA", "TRAINABLE_TOKENS")  # the peft_type of the PEFT adapters extract reads
+CHECKPOINT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)
 Rows = Callable[[int, int], torch.Tensor]  # rows [start, stop) of a matrix, read on demand
 
 
@@ -133,7 +136,7 @@ def source_kind(source_dir: str) -> str:
                                "adapter; nothing to extract")
         raise ExtractError(f"{config_file}: peft_type is {peft_type!r}; extract reads LoRA adapters with saved "
                            "embedding layers (modules_to_save / save_embedding_layers) and trainable-tokens adapters")
-    if any(os.path.isfile(os.path.join(source_dir, n)) for n in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)):
+    if any(os.path.isfile(os.path.join(source_dir, n)) for n in CHECKPOINT_FILES):
         return CHECKPOINT
     bins = sorted(n for n in os.listdir(source_dir) if n.endswith((".bin", ".pt", ".pth")))
     raise ExtractError(
@@ -653,3 +656,47 @@ def _provenance(plan: ExtractPlan) -> dict[str, Any]:
         facts["source_text_drift"] = plan.text_drift
     return facts
 
+
+
+# ---------------------------------------------------------------------- inspect
+def describe_source(path: PathLike) -> dict[str, Any]:
+    """What ``uti-peft inspect`` says about a directory `extract_adapter` reads, from headers and configs only."""
+    path = os.fspath(path)
+    kind = source_kind(path)
+    space = resolve_token_space(None, path)
+    facts: dict[str, Any] = {"format": kind, "path": path}
+    if kind == CHECKPOINT:
+        config = AutoConfig.from_pretrained(path)
+        stored = read_checkpoint(path)
+        embed, _, tied = _module_names(_meta_model(config))
+        shape, dtype = stored[embed].entry["shape"], stored[embed].entry["dtype"]
+        facts.update({"model_type": config.model_type, "vocab_rows": shape[0], "hidden_size": shape[1],
+                      "dtype": str(_DTYPE_OF.get(dtype, dtype)).removeprefix("torch."), "tied": tied,
+                      "tensors": len(stored)})
+    else:
+        config = PeftConfig.from_pretrained(path)
+        header = _adapter_header(path)
+        vocab = {k: f"{v['shape']} {v['dtype']}" for k, v in header.items() if ".lora_" not in k}
+        facts.update({
+            "peft_type": str(getattr(config.peft_type, "value", config.peft_type)),
+            "base_model": config.base_model_name_or_path,
+            "vocabulary_tensors": vocab or "none (nothing to extract: no saved embedding layers)",
+            "lora_tensors": sum(".lora_" in k for k in header),
+        })
+        indices = getattr(config, "token_indices", None) or getattr(config, "trainable_token_indices", None)
+        if indices:
+            ids = sorted({i for v in (indices.values() if isinstance(indices, dict) else [indices]) for i in v})
+            facts["token_indices"] = f"{len(ids)} ids, {ids[0]}..{ids[-1]}"
+    facts["token_space"] = space.source if space else "none beside it (inferred from its tokenizer, or --token-space)"
+    if space:
+        facts["row_range"] = f"[{space.text_vocab_size}, {space.vocab_size})"
+    facts["next"] = f"uti-peft extract BASE {path} -o ADAPTER"
+    facts["problems"] = []
+    return facts
+
+
+def _adapter_header(path: str) -> dict[str, Any]:
+    weights = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.isfile(weights):
+        return {}
+    return {k: v for k, v in read_safetensors_header(weights).items() if k != "__metadata__"}
