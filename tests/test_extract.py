@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import constants
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, TrainableTokensConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -26,7 +25,7 @@ from uti_peft.row_extension.layer import mean_rows
 from uti_peft.tiny import build_tiny_qwen3
 
 from conftest import TEXT_VOCAB, legacy_patch, probe_ids, saved_rows, train_steps
-from hub_cache import commit_to_cache, folder_files
+from hub_cache import commit_to_cache, folder_files, use_offline_cache
 from test_merge import save_adapter, save_base
 
 FULL = 1576  # tiny_token_space().vocab_size
@@ -139,10 +138,7 @@ def test_hub_ids_through_the_offline_cache(tmp_path, token_space, monkeypatch):
     cache = tmp_path / "hub-cache"
     commit_to_cache(cache, "org/tiny-base", folder_files(base))
     commit_to_cache(cache, "org/tiny-resized", folder_files(source))
-    for name, value in {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    use_offline_cache(monkeypatch, cache)
     extract_adapter("org/tiny-base", "org/tiny-resized", tmp_path / "hub", progress=False)
     assert (tmp_path / "hub" / WEIGHTS_NAME).read_bytes() == (local / WEIGHTS_NAME).read_bytes()
     assert json.loads((tmp_path / "hub" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
