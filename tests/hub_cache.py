@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
+
+from huggingface_hub import constants
 
 Content = Union[bytes, str, os.PathLike]
 
@@ -65,6 +67,15 @@ def commit_to_cache(
         ref_file.parent.mkdir(parents=True, exist_ok=True)
         ref_file.write_text(commit)
     return commit
+
+
+def use_offline_cache(monkeypatch: Any, cache_dir: Union[str, os.PathLike]) -> None:
+    """Point huggingface_hub at ``cache_dir`` offline (``HF_HUB_OFFLINE=1``, ``HF_HUB_CACHE``) for one test: the
+    environment for what reads it later, and ``huggingface_hub.constants``, which read it at import."""
+    for name, value in {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache_dir)}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache_dir))
 
 
 def folder_files(folder: Union[str, os.PathLike], prefix: str = "") -> dict[str, Path]:

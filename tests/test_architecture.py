@@ -19,7 +19,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("I/O and tasks", {
         "uti_peft.card", "uti_peft.hub", "uti_peft.legacy", "uti_peft.data", "uti_peft.evaluation",
         "uti_peft.generation", "uti_peft.tokenizer", "uti_peft.training", "uti_peft.distributed",
-        "uti_peft.output_dir", "uti_peft.demo", "uti_peft.merge", "uti_peft.adapter_folder", "uti_peft.integrations",
+        "uti_peft.output_dir", "uti_peft.demo", "uti_peft.merge", "uti_peft.adapter_folder", "uti_peft.extract",
+        "uti_peft.integrations",
     }),
     ("the import hook, which registers the method when peft is first used", {"uti_peft_autoload"}),
     ("command line", {"uti_peft.cli"}),

@@ -55,7 +55,7 @@ def test_json_schema(quick_run):
     sweep = [f"load-{kind}-{n}L" for n in (2, 3) for kind in ("ours", "merged")]  # --quick's depths: 2 and 3
     for case in (*sweep, "cache-2L", "cache-3L", "head-map", "head-copy", "head-plain", "load-legacy-nomean",
                  "load-legacy", "inference", "train-ours", "train-legacy", "convert-ours", "convert-plain",
-                 "merge-ours-2L", "merge-peft-2L"):
+                 "merge-ours-2L", "merge-peft-2L", "extract-2L"):
         assert report["raw"][case], case
     for case in (*sweep, "load-legacy-nomean"):
         for result in report["raw"][case]:
@@ -109,6 +109,7 @@ def test_deterministic_facts(quick_run):
 
     merge = report["merge"]["layers"]["2"]
     assert merge["tensors_identical"] is True  # uti-peft merge writes exactly what PEFT's merge_and_unload saves
+    assert merge["extract_rows_identical"] is True  # extract gives the adapter's rows file back from the merged one
     assert report["merge"]["largest_merged_tensor_bytes"] == shape["vocab_size"] * shape["hidden"] * 2
 
     size = report["size_and_conversion"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import ModelCard, constants
+from huggingface_hub import ModelCard
 from peft import PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -28,7 +28,7 @@ from test_hub import tiny_tokenizer
 from test_lora import lora_config
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hub_cache import commit_to_cache, folder_files  # noqa: E402
+from hub_cache import commit_to_cache, folder_files, use_offline_cache  # noqa: E402
 
 FULL = 1576  # tiny_token_space().vocab_size
 
@@ -181,10 +181,7 @@ def test_hub_ids_resolve_through_the_offline_cache(tmp_path, token_space, monkey
     cache = tmp_path / "hub-cache"
     commit_to_cache(cache, "org/tiny-base", folder_files(base))
     commit_to_cache(cache, "org/rows", folder_files(adapter))
-    for name, value in {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    use_offline_cache(monkeypatch, cache)
 
     hub = Path(merge_adapter("org/tiny-base", "org/rows", tmp_path / "hub", progress=False))
     assert (hub / "model.safetensors").read_bytes() == (local / "model.safetensors").read_bytes()

@@ -108,8 +108,8 @@ def render_model_card(
             {"name": _PROVENANCE_LABELS.get(k, k), "value": _cell(v, code=k in ("source_sha256", "source_checkpoint"))}
             for k, v in (provenance or {}).items()
         ],
-        uti_peft_version=_version("uti-peft"),
-        peft_version=_version("peft"),
+        uti_peft_version=package_version("uti-peft"),
+        peft_version=package_version("peft"),
     )
 
 
@@ -351,7 +351,8 @@ def _format_bytes(n: int) -> str:
     return f"{human} ({n:,} bytes)"
 
 
-def _version(dist: str) -> str:
+def package_version(dist: str) -> str:
+    """The installed version of distribution ``dist`` ("unknown" when it is not installed), for provenance."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:

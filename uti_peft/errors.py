@@ -33,3 +33,8 @@ class LegacyCheckpointError(RowExtensionError):
 class MergeError(RowExtensionError):
     """A merge (`uti_peft.merge`) cannot be made: the base, adapter, tokenizer or output directory does not allow
     it. Nothing was written."""
+
+
+class ExtractError(RowExtensionError):
+    """A vocabulary extension cannot be extracted (`uti_peft.extract`): the source is not one of the base, or its
+    token space cannot be found. Nothing was written."""

@@ -18,6 +18,7 @@ from .errors import RowExtensionError
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 # safetensors dtype codes of the floating dtypes a row block or checkpoint tensor may have
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+SAFETENSORS_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}  # torch dtype -> safetensors code
 
 
 def dtype_from_name(name: Union[str, torch.dtype], what: str = "dtype") -> torch.dtype:

@@ -39,10 +39,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from transformers.utils import logging as hf_logging
 
-from .card import _version, render_merged_card
+from .card import package_version, render_merged_card
 from .constants import CARD_NAME, INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, TOKEN_SPACE_NAME, WEIGHTS_NAME
 from .errors import MergeError, RowExtensionError
-from .files import SAFETENSORS_DTYPES, dtype_from_name, file_sha256, read_safetensors_header
+from .files import SAFETENSORS_CODES, SAFETENSORS_DTYPES, dtype_from_name, file_sha256, read_safetensors_header
 from .adapter_location import explain_hub_error
 from .adapter_folder import AdapterFolder, check_adapter_folder
 from .output import atomic_output, copy_range, write_all
@@ -52,10 +52,9 @@ from .row_extension.lora import SavedLora, merge_lora_weight, read_saved_lora
 from .tokenizer import add_modality_tokens
 
 MARKER_NAME = "uti_peft_merge.json"
-# the project's one dtype table (legacy's): safetensors dtype codes of the floating tensors we convert
-_ST_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
-_BASE_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# what a base checkpoint (and its tokenizer) is made of, on the Hub; and the files that make a tokenizer
+BASE_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 PathLike = Union[str, os.PathLike]
 
 
@@ -65,7 +64,7 @@ def default_max_shard_size() -> Union[int, str]:
 
 
 @dataclass
-class _Stored:
+class StoredTensor:
     """One tensor of the base checkpoint: its shard, header entry and where its bytes start in the file."""
 
     shard: str
@@ -92,7 +91,7 @@ class MergePlan:
     config: Any  # the merged model's transformers config
     generation_config: GenerationConfig
     tokenizer: Optional[Any]  # extended with the modality tokens
-    stored: dict[str, _Stored]  # the base's tensors
+    stored: dict[str, StoredTensor]  # the base's tensors
     outputs: dict[str, tuple[torch.dtype, list[int]]]  # name -> (dtype, shape), in writing order
     embed: str
     head: Optional[str]  # None when tied (or headless)
@@ -119,7 +118,7 @@ def resolve_dir(name_or_path: PathLike, what: str, allow_patterns: Optional[list
         raise MergeError(f"{what} {name!r}: {explain_hub_error(exc, name)}") from exc
 
 
-def read_checkpoint(base_dir: str) -> dict[str, _Stored]:
+def read_checkpoint(base_dir: str) -> dict[str, StoredTensor]:
     """The base's tensors (``model.safetensors`` or the shards of ``model.safetensors.index.json``), every shard's
     header checked against its size (a truncated shard is refused), without reading any tensor data."""
     index = os.path.join(base_dir, SAFE_WEIGHTS_INDEX_NAME)
@@ -135,7 +134,7 @@ def read_checkpoint(base_dir: str) -> dict[str, _Stored]:
             f"base {base_dir!r} has neither {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME} (files: "
             f"{sorted(os.listdir(base_dir))}); only safetensors checkpoints can be merged"
         )
-    stored: dict[str, _Stored] = {}
+    stored: dict[str, StoredTensor] = {}
     for shard in dict.fromkeys(weight_map.values()) if weight_map else [SAFE_WEIGHTS_NAME]:
         path = os.path.join(base_dir, shard)
         if not os.path.isfile(path):
@@ -148,20 +147,29 @@ def read_checkpoint(base_dir: str) -> dict[str, _Stored]:
             data_start = 8 + struct.unpack("<Q", f.read(8))[0]
         for name, entry in header.items():
             if name != "__metadata__" and (weight_map is None or weight_map.get(name) == shard):
-                stored[name] = _Stored(path, entry, data_start)
+                stored[name] = StoredTensor(path, entry, data_start)
     missing = sorted(set(weight_map or ()) - set(stored))
     if missing:
         raise MergeError(f"{index}: weight_map lists {missing[:5]} but their shards do not hold them")
     return stored
 
 
-def _meta_model(config: Any) -> nn.Module:
+def read_base_checkpoint(base_dir: str) -> tuple[Any, dict[str, StoredTensor], nn.Module]:
+    """A base directory's transformers config, its tensors (`read_checkpoint`) and its architecture on the meta
+    device (`meta_model`): what merge and extract both need of a base, without loading a weight."""
+    if not os.path.isfile(os.path.join(base_dir, "config.json")):
+        raise MergeError(f"base {base_dir!r} has no config.json (files: {sorted(os.listdir(base_dir))})")
+    config = AutoConfig.from_pretrained(base_dir)
+    return config, read_checkpoint(base_dir), meta_model(config)
+
+
+def meta_model(config: Any) -> nn.Module:
     """The base architecture on the ``meta`` device: names and shapes, no memory."""
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
 
-def _module_names(model: nn.Module) -> tuple[str, Optional[str], bool]:
+def module_names(model: nn.Module) -> tuple[str, Optional[str], bool]:
     """Checkpoint names of the input embedding and lm_head weights (None: no head), and whether they are tied."""
     names = {id(m): n for n, m in model.named_modules()}
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
@@ -179,15 +187,11 @@ def plan_merge(
     max_shard_size: Union[None, int, str] = None,
 ) -> MergePlan:
     """Resolve and check the inputs; see `merge_adapter`."""
-    base_dir = resolve_dir(base, "base", _BASE_FILES)
+    base_dir = resolve_dir(base, "base", BASE_FILES)
     folder = check_adapter_folder(resolve_dir(adapter, "adapter", ["*.json", "*.safetensors", "*.md"]))
     space = folder.config.get_token_space()
-    if not os.path.isfile(os.path.join(base_dir, "config.json")):
-        raise MergeError(f"base {base_dir!r} has no config.json (files: {sorted(os.listdir(base_dir))})")
-    config = AutoConfig.from_pretrained(base_dir)
-    stored = read_checkpoint(base_dir)
-    model = _meta_model(config)
-    embed, head, tied = _module_names(model)
+    config, stored, model = read_base_checkpoint(base_dir)
+    embed, head, tied = module_names(model)
     _check_shapes(base_dir, folder, stored, embed, None if tied else head, config)
     out_dtype = _parse_dtype(dtype) or SAFETENSORS_DTYPES.get(stored[embed].entry["dtype"])
     if out_dtype is None:
@@ -224,7 +228,7 @@ def plan_merge(
     return plan
 
 
-def _check_shapes(base_dir: str, folder: AdapterFolder, stored: dict[str, _Stored], embed: str,
+def _check_shapes(base_dir: str, folder: AdapterFolder, stored: dict[str, StoredTensor], embed: str,
                   head: Optional[str], config: Any) -> None:
     """The adapter's rows against the base's embedding (and head), naming the files and both values."""
     config_file = os.path.join(base_dir, "config.json")
@@ -270,13 +274,13 @@ def _load_rows(folder: AdapterFolder, tied: bool) -> dict[str, torch.Tensor]:
 def _extended_tokenizer(base_dir: str, tokenizer: Optional[PathLike], space: Any) -> Optional[Any]:
     """The given tokenizer, else the base's own (when it has tokenizer files), with every modality token added."""
     if tokenizer is None:
-        if not any(os.path.isfile(os.path.join(base_dir, f)) for f in _TOKENIZER_FILES):
+        if not any(os.path.isfile(os.path.join(base_dir, f)) for f in TOKENIZER_FILES):
             warnings.warn(f"base {base_dir!r} has no tokenizer files and no tokenizer was given: the merged "
                           "checkpoint has none (pass --tokenizer for engines that need one)")
             return None
         where = base_dir
     else:
-        where = resolve_dir(tokenizer, "tokenizer", [*_TOKENIZER_FILES, "*.json", "*.txt", "*.model", "*.jinja"])
+        where = resolve_dir(tokenizer, "tokenizer", [*TOKENIZER_FILES, "*.json", "*.txt", "*.model", "*.jinja"])
     try:
         loaded = AutoTokenizer.from_pretrained(where)
     except Exception as exc:
@@ -315,7 +319,7 @@ def _write_shard(plan: MergePlan, path: str, names: list[str], bar) -> None:
     position = 0
     for name in names:
         dtype, shape = plan.outputs[name]
-        code = plan.stored[name].entry["dtype"] if dtype is None else _ST_CODES[dtype]
+        code = plan.stored[name].entry["dtype"] if dtype is None else SAFETENSORS_CODES[dtype]
         header[name] = {"dtype": code, "shape": shape, "data_offsets": [position, position + _nbytes(plan, name)]}
         position += _nbytes(plan, name)
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -369,7 +373,7 @@ def _write_extended(plan: MergePlan, name: str, f) -> int:
     return written + write_all(f, rows.to(dtype))
 
 
-def _load(item: _Stored, name: str, dtype: Optional[torch.dtype]) -> torch.Tensor:
+def _load(item: StoredTensor, name: str, dtype: Optional[torch.dtype]) -> torch.Tensor:
     with safe_open(item.shard, framework="pt") as st:
         tensor = st.get_tensor(name)
     return tensor if dtype is None else tensor.to(dtype)
@@ -444,7 +448,7 @@ def _provenance(plan: MergePlan) -> dict[str, Any]:
     config = plan.adapter.config
     lora_file = os.path.join(plan.lora.where, SAFETENSORS_WEIGHTS_NAME) if plan.lora else None
     return {
-        "uti_peft_version": _version("uti-peft"),
+        "uti_peft_version": package_version("uti-peft"),
         "base": plan.base_ref,
         "adapter": plan.adapter_ref,
         "adapter_sha256": file_sha256(os.path.join(plan.adapter.path, WEIGHTS_NAME)),

@@ -4,7 +4,8 @@ so that no case inherits another's memory or warm state. Each returns a JSON-abl
 Cases: load (+ the first forwards) of ours / merged at each depth of the sweep and of the legacy loader, the
 extended head's build (mapped, copied, plain copy), inference (prefill + greedy decode, ours vs merged),
 training step (ours vs the legacy recipe), conversion (``convert_legacy`` vs torch.load + save_file), merge
-(``uti_peft.merge_adapter`` vs PEFT's ``merge_and_unload`` + ``save_pretrained``). ``CASES`` names them all.
+(``uti_peft.merge_adapter`` vs PEFT's ``merge_and_unload`` + ``save_pretrained``), extract (the merged checkpoint
+back to rows, beside merge). ``CASES`` names them all.
 """
 
 from __future__ import annotations
@@ -416,6 +417,35 @@ def case_merge(kind: str, layers: int, paths: Paths, params: Params) -> dict[str
     return result
 
 
+def case_extract(layers: int, paths: Paths, params: Params) -> dict[str, Any]:
+    """``uti_peft.extract_adapter``: the ``layers``-layer merged checkpoint turned back into rows (every tensor
+    compared with the base's, the text rows checked, the new rows written). Time and peak RSS cover the whole job;
+    ``rows_identical``: the rows file written is the adapter's, byte for byte (the round trip)."""
+    import_model_stack()
+    from uti_peft.extract import extract_adapter
+    from uti_peft import merge_adapter
+
+    base, source = paths.base_of(params, layers), paths.merged_of(params, layers)
+    if not (source / "config.json").is_file():  # a merge-only depth: its merged checkpoint, made once, untimed
+        merge_adapter(base, paths.adapter, source, progress=False)
+    before = proc_status()["VmRSS"]
+    peak_reset = reset_peak_rss()
+    out = paths.scratch(f"extract-{layers}L-{os.getpid()}")
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    # the bench's merged checkpoints carry no token space nor tokenizer: the adapter's token space says the rows
+    extract_adapter(base, source, out, token_space=paths.adapter / "token_space.json", progress=False)
+    seconds = time.perf_counter() - start
+    peak = proc_status()["VmHWM"]
+    rows_file = "adapter_model.safetensors"
+    identical = (out / rows_file).read_bytes() == (paths.adapter / rows_file).read_bytes()
+    result = {"seconds": seconds, "peak_rss_bytes": peak, "rss_after_imports_bytes": before, "peak_reset": peak_reset,
+              "read_bytes": dir_bytes(source) + dir_bytes(base), "written_bytes": dir_bytes(out),
+              "rows_identical": identical}
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
 LAYER_CHOICES = range(1, 37)  # --layers and --merge-layers values that have a case (Qwen3-8B has 36 layers)
 
 CASES: dict[str, Callable[[Paths, Params], dict[str, Any]]] = {
@@ -432,6 +462,7 @@ CASES: dict[str, Callable[[Paths, Params], dict[str, Any]]] = {
     "convert-plain": lambda p, q: case_convert("plain", p, q),
     **{f"merge-{kind}-{n}L": (lambda p, q, kind=kind, n=n: case_merge(kind, n, p, q))
        for kind in ("ours", "peft") for n in LAYER_CHOICES},
+    **{f"extract-{n}L": (lambda p, q, n=n: case_extract(n, p, q)) for n in LAYER_CHOICES},
 }
 
 

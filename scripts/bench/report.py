@@ -284,12 +284,21 @@ def merge_section(runner: Runner, params: Params) -> tuple[dict[str, Any], list[
                            o_rss <= limit, "bytes"))
         rows.append(info(f"merge peak RSS, {layers} layer(s): PEFT vs uti-peft merge", p_rss, o_rss,
                          ratio(p_rss, o_rss), "bytes", "info (peft/ours)"))
+        e_s, e_rss = median(runner.values(f"extract-{layers}L", "seconds")), median(
+            runner.values(f"extract-{layers}L", "peak_rss_bytes"))
+        rows.append(info(f"extract (merged checkpoint -> rows), {layers} layer(s) (s): uti-peft extract vs uti-peft "
+                         "merge", e_s, o_s, ratio(e_s, o_s), "s"))
+        rows.append(info(f"extract peak RSS, {layers} layer(s): uti-peft extract vs uti-peft merge", e_rss, o_rss,
+                         ratio(e_rss, o_rss), "bytes"))
+        extracted = [r.get("rows_identical") for r in runner.results.get(f"extract-{layers}L", [])]
         digests = {r.get("tensors_sha256") for case in (ours, peft) for r in runner.results.get(case, [])}
         section["layers"][str(layers)] = {
             "ours_s": o_s, "peft_s": p_s, "ours_peak_rss_bytes": o_rss, "peft_peak_rss_bytes": p_rss,
             "ours_written_bytes": median(runner.values(ours, "written_bytes")),
             "peft_written_bytes": median(runner.values(peft, "written_bytes")),
             "tensors_identical": len(digests) == 1 and None not in digests,
+            "extract_s": e_s, "extract_peak_rss_bytes": e_rss,
+            "extract_rows_identical": bool(extracted) and all(x is True for x in extracted),
         }
     return section, rows
 

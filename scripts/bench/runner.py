@@ -100,6 +100,7 @@ def schedule(params: Params) -> list[tuple[str, float]]:
     steps += alternating(["convert-ours", "convert-plain"], params.reps, budget)
     for layers in params.merge_layers:
         steps += alternating([f"merge-ours-{layers}L", f"merge-peft-{layers}L"], params.reps, budget)
+        steps += [(f"extract-{layers}L", budget)] * params.reps
     # last (so that in --quick's single process nothing runs after it): it ends itself after --legacy-timeout
     steps.append(("load-legacy", params.legacy_timeout + 120.0))
     return steps

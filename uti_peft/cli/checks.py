@@ -161,6 +161,15 @@ def prepare_eval(args: argparse.Namespace) -> EvalPlan:
     return EvalPlan(base, args.adapter, space, examples)
 
 
+def check_extract(args: argparse.Namespace) -> None:
+    """``uti-peft extract``: the token space file, BASE and SOURCE (directories or Hub ids) and the output."""
+    existing_file(args.token_space, "--token-space")
+    model_source(args.base, "BASE")
+    model_source(args.source, "SOURCE")
+    writable_dir(args.output, "--output")
+    bound_hub_requests()
+
+
 def check_train(args: argparse.Namespace) -> None:
     """Sources, output and resume paths, the token space and every data id of ``uti-peft train``."""
     from ..distributed import check_launch_environment

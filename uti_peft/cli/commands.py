@@ -217,6 +217,48 @@ def run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- extract
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def define_extract(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("base", metavar="BASE", help="the base model SOURCE extends: directory or Hub id (safetensors)")
+    parser.add_argument("source", metavar="SOURCE", help="a resized checkpoint (directory or Hub id, safetensors), a "
+                        "PEFT LoRA adapter with saved embedding layers, or a PEFT trainable-tokens adapter")
+    parser.add_argument("-o", "--output", required=True, metavar="ADAPTER", help="adapter directory to create")
+    parser.add_argument("--token-space", metavar="PATH", help=f"token space JSON (default: {TOKEN_SPACE_NAME} beside "
+                        "SOURCE, else inferred from the tokens SOURCE's tokenizer adds to BASE's)")
+    parser.add_argument("--max-text-drift", type=non_negative_float, default=0.0, metavar="X",
+                        help="accept text rows that differ from BASE's by at most X (the adapter keeps BASE's)")
+    parser.add_argument("--base-model", metavar="ID", help="base id recorded in the adapter (default: BASE)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier adapter directory")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    from .checks import check_extract
+
+    check_extract(args)  # paths and ids before anything is read
+    from ..extract import extract_adapter
+
+    plan = extract_adapter(args.base, args.source, args.output, token_space=args.token_space,
+                           max_text_drift=args.max_text_drift, base_model=args.base_model, overwrite=args.overwrite,
+                           progress=False if args.no_progress else None)
+    blocks = "input and lm_head rows" if len(plan.rows) == 2 else "input rows"
+    print(f"wrote {args.output}: {plan.space.num_new_rows} new {blocks} (ids {plan.space.text_vocab_size}.."
+          f"{plan.space.vocab_size - 1}) from a {plan.kind}{' + its LoRA (lora/)' if plan.lora else ''}")
+    if plan.text_drift:
+        print(f"note: SOURCE's text rows differ from BASE's by up to {plan.text_drift:.6g}; the adapter uses BASE's")
+    for note in plan.notes:
+        print(f"note: {note}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- eval
 def define_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, help="base model: local directory or Hub id")
@@ -333,6 +375,11 @@ COMMANDS = (
     Command("merge", "merge an adapter into its base: a standalone checkpoint any engine loads", define_merge,
             run_merge, "Stream BASE's safetensors into OUT with ADAPTER's rows (and LoRA) merged, plus config, "
             "generation config, the tokenizer extended with every modality token, token_space.json and a model card."),
+    Command("extract", "turn a resized checkpoint or a PEFT vocabulary adapter into a row-extension adapter",
+            define_extract, run_extract,
+            "The inverse of merge: SOURCE's new rows (and LoRA) as a small adapter on BASE, after checking that its "
+            "text rows equal BASE's and nothing else changed. Example: uti-peft extract Qwen/Qwen3-8B-Base "
+            "my-org/qwen3-8b-resized -o my-rows"),
     Command("eval", "mean loss per task on tokenized JSONL", define_eval, run_eval,
             "Mean loss per task (and token-weighted) of a base model, with an adapter if given."),
     Command("train", "train a row-extension adapter (optionally with LoRA) on tokenized JSONL", define_train,

@@ -13,6 +13,7 @@ from ..card import CARD_NAME
 from ..constants import LEGACY_JSON_NAME, LEGACY_PT_NAME, OUTPUT_ROWS_KEY, TOKEN_SPACE_NAME, WEIGHTS_NAME
 from ..adapter_folder import check_adapter_folder
 from ..errors import LegacyCheckpointError
+from ..extract import CHECKPOINT_FILES, EXTRACTABLE, describe_source
 from ..files import SAFETENSORS_DTYPES, read_safetensors_header
 from ..output import PathLike
 from ..token_space import TokenSpace, is_plain_int, resolve_token_space
@@ -31,11 +32,16 @@ def inspect_checkpoint(
     if os.path.isfile(path) and os.path.basename(path) in (ADAPTER_CONFIG_NAME, WEIGHTS_NAME, CARD_NAME):
         path = os.path.dirname(path) or "."
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, ADAPTER_CONFIG_NAME)):
+        if _read_json(os.path.join(path, ADAPTER_CONFIG_NAME), ADAPTER_CONFIG_NAME).get("peft_type") in EXTRACTABLE:
+            return describe_source(path)  # a PEFT vocabulary adapter that `uti-peft extract` turns into rows
         return _inspect_adapter(path)
     if (os.path.isdir(path) and os.path.isfile(os.path.join(path, LEGACY_PT_NAME))) or os.path.isfile(path):
         return _inspect_legacy(path, token_space)
+    if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, n)) for n in CHECKPOINT_FILES):
+        return describe_source(path)  # a (resized) checkpoint
     raise LegacyCheckpointError(
-        f"{path}: neither a legacy checkpoint ({LEGACY_PT_NAME}) nor an adapter directory ({ADAPTER_CONFIG_NAME})"
+        f"{path}: neither a legacy checkpoint ({LEGACY_PT_NAME}), an adapter directory ({ADAPTER_CONFIG_NAME}) nor a "
+        "safetensors checkpoint"
     )
 
 

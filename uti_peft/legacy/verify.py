@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import LegacyCheckpointError, RowExtensionError
-from ..files import DTYPES, SAFETENSORS_DTYPES, dtype_from_name, file_sha256
+from ..files import DTYPES, SAFETENSORS_CODES, SAFETENSORS_DTYPES, dtype_from_name, file_sha256
 
 # ---------------------------------------------------------------------------------------- hashing, read-back
 _READ_BLOCK = 1 << 20  # read-back comparison: 1 MiB reads, the fastest measured
@@ -75,14 +75,13 @@ def _hash_as_safetensors(
     written: ``(predicted header bytes, future sha256)``. safetensors stores tensors of one dtype in name
     order, behind a compact JSON header padded with spaces to 8 bytes; `_verify_safetensors` uses the
     future only if the header actually written is byte for byte this one."""
-    codes = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
     header: dict[str, Any] = {"__metadata__": metadata}
     position = 0
     for key in sorted(rows):
         tensor = rows[key]
         nbytes = tensor.numel() * tensor.element_size()
         header[key] = {
-            "dtype": codes.get(tensor.dtype, "?"),
+            "dtype": SAFETENSORS_CODES.get(tensor.dtype, "?"),
             "shape": list(tensor.shape),
             "data_offsets": [position, position + nbytes],
         }
