@@ -143,3 +143,13 @@ def test_only_the_compatibility_module_patches_peft_and_transformers():
                 if isinstance(first, ast.Name) and first.id in imported and name not in allowed:
                     offenders.append(f"{name}:{node.lineno} setattr on {first.id}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_every_package_ships_in_the_wheel():
+    """setuptools installs the packages pyproject.toml lists, no more: a sub-package missing there is missing from a
+    wheel (editable installs and the tests would not notice)."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.relative_to(REPO).parent.parts) for p in (REPO / "uti_peft").rglob("__init__.py")}
+    assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"
