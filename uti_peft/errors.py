@@ -33,3 +33,14 @@ class LegacyCheckpointError(RowExtensionError):
 class MergeError(RowExtensionError):
     """A merge (`uti_peft.merge`) cannot be made: the base, adapter, tokenizer or output directory does not allow
     it. Nothing was written."""
+
+
+class UnsupportedVersionError(RowExtensionError):
+    """A row-extension adapter needs a transformers or peft internal that the installed version lacks or has
+    reshaped. Only our adapters get it: every other adapter goes to the original code. ``versions`` holds the
+    installed versions, ``tested`` the tested ranges."""
+
+    def __init__(self, message: str, *, versions: dict[str, str], tested: dict[str, str]) -> None:
+        super().__init__(message)
+        self.versions = versions
+        self.tested = tested
