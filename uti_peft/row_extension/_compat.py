@@ -231,14 +231,25 @@ def _row_extension_load(signature: inspect.Signature, model: Any, args: tuple, k
     if peft_config is not None or model_id is None:
         return None
     try:
-        from transformers.utils import find_adapter_config_file
-
         download = _download_kwargs(load_config, arguments.get("adapter_kwargs"), arguments.get("kwargs") or {},
                                     bool(arguments.get("local_files_only")))
-        ours = _is_row_extension_file(find_adapter_config_file(model_id, **download))
+        ours = _is_row_extension_file(_adapter_config_file(model_id, download))
     except Exception:  # the original finds (or reports) the adapter as it would without uti-peft
         return None
     return arguments if ours else None
+
+
+def _adapter_config_file(model_id: Any, download: dict) -> Optional[str]:
+    """The adapter's ``adapter_config.json`` as transformers finds it; our own lookup (a local folder, else the
+    Hub) where transformers no longer exports ``find_adapter_config_file``, so our adapters are still recognised."""
+    try:
+        from transformers.utils import find_adapter_config_file
+    except ImportError:
+        local = os.path.join(os.fspath(model_id), download.get("subfolder") or "", "adapter_config.json")
+        if os.path.isfile(local):
+            return local
+        return hf_hub_download(os.fspath(model_id), "adapter_config.json", **download)
+    return find_adapter_config_file(model_id, **download)
 
 
 def _load_ours(model: Any, arguments: dict) -> Any:
