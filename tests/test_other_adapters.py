@@ -106,12 +106,18 @@ def test_saving_and_counting_a_plain_lora_is_peft_own(plain_lora, tmp_path):
 
 
 def _remove_load_report(monkeypatch):
-    """Make the internal our load_adapter branch builds unavailable, where this transformers keeps it."""
+    """Make the internal our load_adapter branch builds unavailable where our branch looks for it, leaving the
+    binding transformers' own loader uses: from 5.1 it is deleted from ``utils.loading_report`` (transformers keeps
+    its own import in ``modeling_utils``); on 5.0, where ``modeling_utils`` needs it, our branch is pointed where
+    5.1 moved it and 5.0 lacks it — the move that broke uti-peft on 5.0."""
+    from uti_peft.row_extension import _compat
+
     if versions.is_transformers_ge_v5_1_0:
         import transformers.utils.loading_report as where
+
+        monkeypatch.delattr(where, "LoadStateDictInfo")
     else:
-        import transformers.modeling_utils as where
-    monkeypatch.delattr(where, "LoadStateDictInfo")
+        monkeypatch.setattr(_compat, "is_transformers_ge_v5_1_0", True)
 
 
 def test_with_an_internal_gone_a_plain_lora_still_loads_and_ours_fails_clearly(plain_lora, tmp_path, token_space,
