@@ -72,12 +72,19 @@ def add_peft_type_member() -> None:
 
 
 def _rows_only_by_default(original):
+    signature = inspect.signature(original)
+
     @functools.wraps(original)
     def get_peft_model_state_dict(model, *args, **kwargs):
-        # only the keyword form is ours to change: PEFT's own save passes save_embedding_layers= by name
-        if kwargs.get("save_embedding_layers", "auto") == "auto" and not args and carries_row_extension(model):
-            kwargs["save_embedding_layers"] = False
-        return original(model, *args, **kwargs)
+        if not carries_row_extension(model):
+            return original(model, *args, **kwargs)
+        try:
+            bound = signature.bind(model, *args, **kwargs)
+        except TypeError:
+            return original(model, *args, **kwargs)  # PEFT reports the bad call as it would without us
+        if bound.arguments.get("save_embedding_layers", "auto") == "auto":
+            bound.arguments["save_embedding_layers"] = False
+        return original(*bound.args, **bound.kwargs)
 
     setattr(get_peft_model_state_dict, _MARK, original)
     return get_peft_model_state_dict
@@ -133,9 +140,10 @@ def set_push_handler(handler: Callable[..., Any]) -> None:
 def _push_to_hub(original):
     @functools.wraps(original)
     def push_to_hub(self, *args, **kwargs):
-        if _push_handler is None or len(args) != 1 or not carries_row_extension(self):
+        if _push_handler is None or len(args) > 1 or not carries_row_extension(self):
             return original(self, *args, **kwargs)
-        return _push_handler(self, args[0], **kwargs)
+        repo_id = args[0] if args else kwargs.pop("repo_id")
+        return _push_handler(self, repo_id, **kwargs)
 
     setattr(push_to_hub, _MARK, original)
     return push_to_hub
