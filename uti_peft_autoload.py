@@ -17,11 +17,16 @@ What it watches:
   that uses transformers without adapters never pays for importing peft;
 * registration waits until no import of a ``uti_peft`` module is still running in this thread: a module of
   ours that imports peft is half-initialised until its own import ends.
+
+Registering from here never breaks the program that imported peft: if it fails (a peft or transformers version
+that lacks something uti-peft needs), one warning says so, peft and transformers work as without uti-peft, and
+only row-extension adapters fail to load (``import uti_peft.row_extension`` raises the error itself).
 """
 
 import os
 import sys
 import threading
+import warnings
 
 # = uti_peft.constants.AUTOLOAD_ORIGINAL_ATTRIBUTE, written out: importing uti_peft is what this module defers
 ORIGINAL_ATTRIBUTE = "__uti_peft_autoload_original__"
@@ -30,6 +35,7 @@ _TRANSFORMERS_ADAPTERS = "transformers.integrations.peft"
 _state = threading.local()  # .depth: imports of uti_peft modules running in this thread
 _lock = threading.RLock()
 _registered = False
+_failed = False  # registering from the hook failed once: warned, not retried
 
 
 def register() -> None:
@@ -47,6 +53,21 @@ def register() -> None:
             raise
 
 
+def _register_quietly() -> None:
+    """`register`, from the hook: a failure warns once and leaves other adapters to peft and transformers."""
+    global _failed
+    try:
+        register()
+    except Exception as error:  # we live in other people's processes: never break their import of peft
+        if not _failed:
+            _failed = True
+            warnings.warn(
+                f"uti-peft could not register the ROW_EXTENSION method ({type(error).__name__}: {error}); other "
+                "adapters are unaffected, row-extension adapters will not load here",
+                stacklevel=2,
+            )
+
+
 def _peft_imported() -> bool:
     """peft is imported and its import has finished (transformers, which peft imports, comes back here first)."""
     peft = sys.modules.get("peft")
@@ -54,8 +75,8 @@ def _peft_imported() -> bool:
 
 
 def _register_when_ready(peft_just_executed: bool = False) -> None:
-    if not _registered and not getattr(_state, "depth", 0) and (peft_just_executed or _peft_imported()):
-        register()
+    if not (_registered or _failed) and not getattr(_state, "depth", 0) and (peft_just_executed or _peft_imported()):
+        _register_quietly()
 
 
 def _load_adapter_registers_first(module) -> None:
@@ -66,7 +87,7 @@ def _load_adapter_registers_first(module) -> None:
 
     def load_adapter(self, *args, **kwargs):
         mixin.load_adapter = original
-        register()  # replaces mixin.load_adapter with uti-peft's, which wraps ``original``
+        _register_quietly()  # replaces mixin.load_adapter with uti-peft's, which wraps ``original``
         return mixin.load_adapter(self, *args, **kwargs)
 
     setattr(load_adapter, ORIGINAL_ATTRIBUTE, original)

@@ -37,6 +37,7 @@ _PUBLIC = {
     "convert_legacy": "legacy",
     "export_legacy": "legacy",
     "MergeError": "errors",
+    "UnsupportedVersionError": "errors",
     "merge_adapter": "merge",
     "TokenRange": "token_space",
     "TokenSpace": "token_space",

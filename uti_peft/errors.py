@@ -38,3 +38,14 @@ class MergeError(RowExtensionError):
 class ExtractError(RowExtensionError):
     """A vocabulary extension cannot be extracted (`uti_peft.extract`): the source is not one of the base, or its
     token space cannot be found. Nothing was written."""
+
+
+class UnsupportedVersionError(RowExtensionError):
+    """A row-extension adapter needs a transformers or peft internal that the installed version lacks or has
+    reshaped. Only our adapters get it: every other adapter goes to the original code. ``versions`` holds the
+    installed versions, ``tested`` the tested ranges."""
+
+    def __init__(self, message: str, *, versions: dict[str, str], tested: dict[str, str]) -> None:
+        super().__init__(message)
+        self.versions = versions
+        self.tested = tested

@@ -166,7 +166,9 @@ def read_base_checkpoint(base_dir: str) -> tuple[Any, dict[str, StoredTensor], n
 def meta_model(config: Any) -> nn.Module:
     """The base architecture on the ``meta`` device: names and shapes, no memory."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # transformers 5.0 does not tie a model built on the meta device; later versions do
+    return model
 
 
 def module_names(model: nn.Module) -> tuple[str, Optional[str], bool]:

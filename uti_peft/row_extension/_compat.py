@@ -1,8 +1,10 @@
 """Everything uti-peft does to PEFT and transformers that they offer no public hook for, in one place.
 
 Each patch says which behaviour it works around and acts only for row-extension adapters (every other adapter
-goes to the original code unchanged); `install` applies them once, idempotently. Checked with the versions in
-`CHECKED_WITH` (peft 0.21.2, transformers 5.24); another version warns once.
+goes to the original code, called with the caller's arguments untouched, even when an internal a patch needs is
+missing or reshaped: imports and constructions of peft/transformers internals happen only on our branch, where a
+failure is an `UnsupportedVersionError` naming the versions. `install` applies them once, idempotently, skipping a
+patch whose target is gone. Tested with the ranges in `versions.CHECKED_WITH`; another version warns once.
 
 * `PeftType` is a closed enum and ``register_peft_method`` refuses names it lacks: the member is added.
 * PEFT's ``save_embedding_layers="auto"`` saves the *whole* embedding and lm_head when embeddings are targeted
@@ -23,12 +25,14 @@ goes to the original code unchanged); `install` applies them once, idempotently.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
+import inspect
 import json
 import os
+import re
 import shutil
 import tempfile
-import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -43,8 +47,9 @@ from ..errors import RowExtensionError
 from .config import RowExtensionConfig, find_row_extension_adapter
 from .layer import RowExtensionLayer
 from .lora import write_lora
+from .versions import CHECKED_WITH, is_transformers_ge_v5_1_0, unsupported, warn_once_if_untested
 
-CHECKED_WITH = {"transformers": ("5.",), "peft": ("0.21.",)}
+__all__ = ["CHECKED_WITH", "carries_row_extension", "install", "set_push_handler"]
 _MARK = "__uti_peft_compat__"
 _DOWNLOAD_KEYS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
 
@@ -67,13 +72,19 @@ def add_peft_type_member() -> None:
 
 
 def _rows_only_by_default(original):
+    signature = inspect.signature(original)
+
     @functools.wraps(original)
-    def get_peft_model_state_dict(model, state_dict=None, adapter_name="default", unwrap_compiled=False,
-                                  save_embedding_layers="auto"):
-        if save_embedding_layers == "auto" and carries_row_extension(model):
-            save_embedding_layers = False
-        return original(model, state_dict=state_dict, adapter_name=adapter_name, unwrap_compiled=unwrap_compiled,
-                        save_embedding_layers=save_embedding_layers)
+    def get_peft_model_state_dict(model, *args, **kwargs):
+        if not carries_row_extension(model):
+            return original(model, *args, **kwargs)
+        try:
+            bound = signature.bind(model, *args, **kwargs)
+        except TypeError:
+            return original(model, *args, **kwargs)  # PEFT reports the bad call as it would without us
+        if bound.arguments.get("save_embedding_layers", "auto") == "auto":
+            bound.arguments["save_embedding_layers"] = False
+        return original(*bound.args, **bound.kwargs)
 
     setattr(get_peft_model_state_dict, _MARK, original)
     return get_peft_model_state_dict
@@ -85,24 +96,36 @@ def _offline_subfolder_fix(load_peft_weights):
     subfolder never loads offline. Resolve the file from the cache here and hand PEFT its directory."""
 
     @functools.wraps(load_peft_weights)
-    def wrapper(model_id, device=None, key_mapping=None, **hf_hub_download_kwargs):
-        subfolder = hf_hub_download_kwargs.get("subfolder")
-        local = os.path.join(model_id, subfolder) if subfolder else model_id
-        if subfolder and constants.is_offline_mode() and not os.path.isdir(local):
-            from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
-            from peft.utils.constants import WEIGHTS_NAME as PICKLE_WEIGHTS_NAME
+    def wrapper(model_id, *args, **kwargs):
+        subfolder = kwargs.get("subfolder")
+        if not (subfolder and not args and constants.is_offline_mode()
+                and not os.path.isdir(os.path.join(model_id, subfolder))
+                and _is_cached_row_extension(model_id, kwargs)):
+            return load_peft_weights(model_id, *args, **kwargs)
+        from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
+        from peft.utils.constants import WEIGHTS_NAME as PICKLE_WEIGHTS_NAME
 
-            kwargs = {k: v for k, v in hf_hub_download_kwargs.items() if k not in ("local_files_only", "user_agent")}
-            for name in (SAFETENSORS_WEIGHTS_NAME, PICKLE_WEIGHTS_NAME):
-                try:
-                    found = hf_hub_download(model_id, name, local_files_only=True, **kwargs)
-                except LocalEntryNotFoundError:
-                    continue
-                return load_peft_weights(os.path.dirname(found), device=device, key_mapping=key_mapping)
-        return load_peft_weights(model_id, device=device, key_mapping=key_mapping, **hf_hub_download_kwargs)
+        device, key_mapping = kwargs.get("device"), kwargs.get("key_mapping")
+        download = {k: v for k, v in kwargs.items() if k in _DOWNLOAD_KEYS and k != "local_files_only"}
+        for name in (SAFETENSORS_WEIGHTS_NAME, PICKLE_WEIGHTS_NAME):
+            try:
+                found = hf_hub_download(model_id, name, local_files_only=True, **download)
+            except LocalEntryNotFoundError:
+                continue
+            return load_peft_weights(os.path.dirname(found), device=device, key_mapping=key_mapping)
+        return load_peft_weights(model_id, *args, **kwargs)
 
     setattr(wrapper, _MARK, load_peft_weights)
     return wrapper
+
+
+def _is_cached_row_extension(model_id: str, download_kwargs: dict) -> bool:
+    """Whether the offline cache holds a row-extension ``adapter_config.json`` for ``model_id`` (never raises)."""
+    kwargs = {k: v for k, v in download_kwargs.items() if k in _DOWNLOAD_KEYS and k != "local_files_only"}
+    try:
+        return _is_row_extension_file(hf_hub_download(model_id, "adapter_config.json", local_files_only=True, **kwargs))
+    except Exception:  # not cached, not a repo id: not ours, PEFT decides
+        return False
 
 
 _push_handler: Optional[Callable[..., Any]] = None
@@ -116,9 +139,10 @@ def set_push_handler(handler: Callable[..., Any]) -> None:
 
 def _push_to_hub(original):
     @functools.wraps(original)
-    def push_to_hub(self, repo_id: str, *args, **kwargs):
-        if _push_handler is None or args or not carries_row_extension(self):
-            return original(self, repo_id, *args, **kwargs)
+    def push_to_hub(self, *args, **kwargs):
+        if _push_handler is None or len(args) > 1 or not carries_row_extension(self):
+            return original(self, *args, **kwargs)
+        repo_id = args[0] if args else kwargs.pop("repo_id")
         return _push_handler(self, repo_id, **kwargs)
 
     setattr(push_to_hub, _MARK, original)
@@ -127,10 +151,14 @@ def _push_to_hub(original):
 
 # ---------------------------------------------------------------------- which adapters are ours
 def _is_row_extension_file(config_file: Optional[str]) -> bool:
-    if not config_file or not os.path.isfile(config_file):
+    """Whether ``config_file`` is a row-extension ``adapter_config.json``; a file we cannot read is not ours (the
+    original code reports it as it would without uti-peft)."""
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (TypeError, OSError, ValueError):
         return False
-    with open(config_file, encoding="utf-8") as f:
-        return json.load(f).get("peft_type") == PEFT_TYPE_NAME
+    return isinstance(config, dict) and config.get("peft_type") == PEFT_TYPE_NAME
 
 
 def carries_row_extension(model: Any) -> bool:
@@ -180,36 +208,97 @@ def load_row_extension_adapter(
 
 
 def _load_adapter(original):
-    @functools.wraps(original)
-    def load_adapter(self, peft_model_id=None, adapter_name=None, peft_config=None, adapter_state_dict=None,
-                     low_cpu_mem_usage=False, is_trainable=False, hotswap="auto", local_files_only=False,
-                     adapter_kwargs=None, load_config=None, **kwargs):
-        from transformers.utils import find_adapter_config_file
-        from transformers.utils.loading_report import LoadStateDictInfo
+    signature = inspect.signature(original)
 
-        download = _download_kwargs(load_config, adapter_kwargs, kwargs, local_files_only)
-        peft_model_id = peft_model_id or getattr(load_config, "pretrained_model_name_or_path", None)
-        if isinstance(peft_config, dict):
-            peft_config = PeftConfig.from_peft_type(**peft_config)
-        ours = isinstance(peft_config, RowExtensionConfig) or (
-            peft_config is None and peft_model_id is not None
-            and _is_row_extension_file(find_adapter_config_file(peft_model_id, **download))
-        )
-        if not ours:
-            return original(self, peft_model_id, adapter_name, peft_config, adapter_state_dict, low_cpu_mem_usage,
-                            is_trainable, hotswap, local_files_only, adapter_kwargs, load_config, **kwargs)
-        adapter_name = adapter_name or "default"
-        if hotswap is True:
-            raise RowExtensionError("hotswap=True: a row-extension adapter cannot be hot-swapped (it resizes the model)")
-        if self._hf_peft_config_loaded and adapter_name in self.peft_config:
-            raise ValueError(f"Adapter with name {adapter_name} already exists. Please use a different name.")
-        load_row_extension_adapter(self, peft_model_id, adapter_name, peft_config=peft_config,
-                                   adapter_state_dict=adapter_state_dict, is_trainable=is_trainable,
-                                   download_kwargs=download)
-        return LoadStateDictInfo(set(), set(), set(), [], {}, set())
+    @functools.wraps(original)
+    def load_adapter(self, *args, **kwargs):
+        arguments = _row_extension_load(signature, self, args, kwargs)
+        if arguments is None:
+            return original(self, *args, **kwargs)
+        return _load_ours(self, arguments)
 
     setattr(load_adapter, _MARK, original)
     return load_adapter
+
+
+def _row_extension_load(signature: inspect.Signature, model: Any, args: tuple, kwargs: dict) -> Optional[dict]:
+    """The arguments of a ``load_adapter`` call by name when it loads a row-extension adapter, else None. Never
+    raises: whatever it cannot decide (arguments that do not bind, an unreadable config) is left to the original."""
+    try:
+        bound = signature.bind(model, *args, **kwargs)
+    except TypeError:
+        return None
+    arguments = dict(bound.arguments)  # extra keyword arguments stay under "kwargs"
+    peft_config = arguments.get("peft_config")
+    if isinstance(peft_config, RowExtensionConfig):
+        return arguments
+    if isinstance(peft_config, dict):
+        return arguments if peft_config.get("peft_type") == PEFT_TYPE_NAME else None
+    load_config = arguments.get("load_config")
+    model_id = arguments.get("peft_model_id") or getattr(load_config, "pretrained_model_name_or_path", None)
+    if peft_config is not None or model_id is None:
+        return None
+    try:
+        download = _download_kwargs(load_config, arguments.get("adapter_kwargs"), arguments.get("kwargs") or {},
+                                    bool(arguments.get("local_files_only")))
+        ours = _is_row_extension_file(_adapter_config_file(model_id, download))
+    except Exception:  # the original finds (or reports) the adapter as it would without uti-peft
+        return None
+    return arguments if ours else None
+
+
+def _adapter_config_file(model_id: Any, download: dict) -> Optional[str]:
+    """The adapter's ``adapter_config.json`` as transformers finds it; our own lookup (a local folder, else the
+    Hub) where transformers no longer exports ``find_adapter_config_file``, so our adapters are still recognised."""
+    try:
+        from transformers.utils import find_adapter_config_file
+    except ImportError:
+        local = os.path.join(os.fspath(model_id), download.get("subfolder") or "", "adapter_config.json")
+        if os.path.isfile(local):
+            return local
+        return hf_hub_download(os.fspath(model_id), "adapter_config.json", **download)
+    return find_adapter_config_file(model_id, **download)
+
+
+def _load_ours(model: Any, arguments: dict) -> Any:
+    """``load_adapter`` for a row-extension adapter; returns the empty load report transformers expects."""
+    load_config = arguments.get("load_config")
+    peft_model_id = arguments.get("peft_model_id") or getattr(load_config, "pretrained_model_name_or_path", None)
+    peft_config = arguments.get("peft_config")
+    if isinstance(peft_config, dict):
+        peft_config = PeftConfig.from_peft_type(**peft_config)
+    adapter_name = arguments.get("adapter_name") or "default"
+    if arguments.get("hotswap") is True:
+        raise RowExtensionError("hotswap=True: a row-extension adapter cannot be hot-swapped (it resizes the model)")
+    if getattr(model, "_hf_peft_config_loaded", False) and adapter_name in model.peft_config:
+        raise ValueError(f"Adapter with name {adapter_name} already exists. Please use a different name.")
+    report = _empty_load_report()  # before the model changes: a version failure leaves it untouched
+    download = _download_kwargs(load_config, arguments.get("adapter_kwargs"), arguments.get("kwargs") or {},
+                                bool(arguments.get("local_files_only")))
+    load_row_extension_adapter(model, peft_model_id, adapter_name, peft_config=peft_config,
+                               adapter_state_dict=arguments.get("adapter_state_dict"),
+                               is_trainable=bool(arguments.get("is_trainable")), download_kwargs=download)
+    return report
+
+
+def _empty_load_report() -> Any:
+    """transformers' ``LoadStateDictInfo`` with every field empty, built by field name: the class moved in 5.1
+    (from ``modeling_utils``) and its fields changed in 5.1 and 5.16."""
+    try:
+        if is_transformers_ge_v5_1_0:
+            from transformers.utils.loading_report import LoadStateDictInfo
+        else:
+            from transformers.modeling_utils import LoadStateDictInfo
+        return LoadStateDictInfo(**{f.name: _empty_value(f.type) for f in dataclasses.fields(LoadStateDictInfo)})
+    except (ImportError, AttributeError, TypeError) as error:
+        raise unsupported("transformers' load report (LoadStateDictInfo) for load_adapter", error) from error
+
+
+def _empty_value(annotation: Any) -> Any:
+    text = annotation if isinstance(annotation, str) else repr(annotation)
+    kind = re.match(r"\W*(?:class ')?(\w+)", text)
+    empties = {"set": set, "list": list, "dict": dict, "tuple": tuple}
+    return None if "None" in text or kind is None else empties.get(kind.group(1), lambda: None)()
 
 
 # ---------------------------------------------------------------------- transformers' save_pretrained
@@ -239,9 +328,11 @@ def save_row_extension_adapter(model: Any, save_directory: str | os.PathLike, st
 
 def _save_pretrained(original):
     @functools.wraps(original)
-    def save_pretrained(self, save_directory, is_main_process=True, *args, **kwargs):
+    def save_pretrained(self, *args, **kwargs):
         if not (getattr(self, "_hf_peft_config_loaded", False) and carries_row_extension(self)):
-            return original(self, save_directory, is_main_process, *args, **kwargs)
+            return original(self, *args, **kwargs)
+        save_directory = args[0] if args else kwargs["save_directory"]
+        is_main_process = args[1] if len(args) > 1 else kwargs.get("is_main_process", True)
         if kwargs.get("push_to_hub"):
             raise RowExtensionError(
                 "save_pretrained(push_to_hub=True) of a model with a row-extension adapter: save it to a directory "
@@ -256,8 +347,10 @@ def _save_pretrained(original):
 
 # ---------------------------------------------------------------------- transformers' adapter management
 # transformers 5.24 gates its adapter-management methods (active_adapters, enable/disable_adapters,
-# get_adapter_state_dict, ...) on peft >= 0.22, which is not released; what they call exists in peft 0.21.
-# For models that carry a row-extension adapter the gate is opened, so they behave as through a PeftModel.
+# get_adapter_state_dict, ...) on peft >= 0.22 (its MIN_PEFT_VERSION), which is not released; what they call exists
+# in peft 0.21. For models that carry a row-extension adapter the gate is opened, so they behave as through a
+# PeftModel; for any other model transformers' own check runs. `install` applies it only while the installed peft
+# is below transformers' MIN_PEFT_VERSION (`_peft_below_transformers_minimum`).
 _GATE_OPEN: contextvars.ContextVar[bool] = contextvars.ContextVar("uti_peft_peft_gate_open", default=False)
 _GATED_METHODS = ("add_adapter", "set_adapter", "disable_adapters", "enable_adapters", "active_adapters",
                   "get_adapter_state_dict", "delete_adapter")
@@ -265,9 +358,9 @@ _GATED_METHODS = ("add_adapter", "set_adapter", "disable_adapters", "enable_adap
 
 def _version_gate(original):
     @functools.wraps(original)
-    def check_peft_version(min_version: str) -> None:
+    def check_peft_version(*args, **kwargs):
         if not _GATE_OPEN.get():
-            original(min_version)
+            return original(*args, **kwargs)
 
     setattr(check_peft_version, _MARK, original)
     return check_peft_version
@@ -303,8 +396,8 @@ def _base_required(original):
     @functools.wraps(original)
     def find_adapter_config_file(model_id, *args, **kwargs):
         found = original(model_id, *args, **kwargs)
-        embedded_in_a_model = os.path.isfile(os.path.join(os.fspath(model_id), "config.json"))
-        if _is_row_extension_file(found) and not embedded_in_a_model:
+        if _is_row_extension_file(found) and not os.path.isfile(os.path.join(os.fspath(model_id), "config.json")):
+            # a row-extension adapter on its own (not embedded in a model's folder) must name its base
             with open(found, encoding="utf-8") as f:
                 if not json.load(f).get("base_model_name_or_path"):
                     raise _no_base_error(model_id)
@@ -316,26 +409,42 @@ def _base_required(original):
 
 def _auto_peft_from_pretrained(original):
     @functools.wraps(original)
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        config = kwargs.get("config")
-        if config is None:
-            config = PeftConfig.from_pretrained(
-                pretrained_model_name_or_path, revision=kwargs.get("revision"),
-                **{k: v for k, v in kwargs.items() if k in _DOWNLOAD_KEYS and k != "revision"},
-            )
-        if isinstance(config, RowExtensionConfig) and not config.base_model_name_or_path:
-            raise _no_base_error(pretrained_model_name_or_path)
-        return original(cls, pretrained_model_name_or_path, *args, **kwargs)
+    def from_pretrained(cls, *args, **kwargs):
+        if args and _row_extension_without_base(args[0], kwargs):
+            raise _no_base_error(args[0])
+        return original(cls, *args, **kwargs)
 
     setattr(from_pretrained, _MARK, original)
     return from_pretrained
 
 
+def _row_extension_without_base(model_id: Any, kwargs: dict) -> bool:
+    """Whether ``model_id`` holds a row-extension adapter that records no base (never raises: PEFT then decides)."""
+    config = kwargs.get("config")
+    try:
+        if config is None:
+            local = os.path.join(os.fspath(model_id), kwargs.get("subfolder") or "", "adapter_config.json")
+            if os.path.isfile(local):
+                found = local
+            else:
+                download = {k: v for k, v in kwargs.items() if k in _DOWNLOAD_KEYS}
+                found = hf_hub_download(os.fspath(model_id), "adapter_config.json", **download)
+            if not _is_row_extension_file(found):
+                return False
+            with open(found, encoding="utf-8") as f:
+                return not json.load(f).get("base_model_name_or_path")
+    except Exception:
+        return False
+    return isinstance(config, RowExtensionConfig) and not config.base_model_name_or_path
+
+
 # ---------------------------------------------------------------------- PEFT's parameter counts
 def _count_rows_once(original):
     @functools.wraps(original)
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable, total = original(self)
+    def get_nb_trainable_parameters(self, *args, **kwargs):
+        if not carries_row_extension(self):
+            return original(self, *args, **kwargs)
+        trainable, total = original(self, *args, **kwargs)
         # rows kept in the tail of the base weight are that weight's elements too: count them once
         shared = sum(
             module.rows(name).numel()
@@ -353,8 +462,10 @@ def _count_rows_once(original):
 # ---------------------------------------------------------------------- PEFT's base-model state dict
 def _base_state_dict(original):
     @functools.wraps(original)
-    def get_base_model_state_dict(model) -> dict[str, torch.Tensor]:
-        state = original(model)
+    def get_base_model_state_dict(model, *args, **kwargs):
+        if not carries_row_extension(model):
+            return original(model, *args, **kwargs)
+        state = original(model, *args, **kwargs)
         originals: dict[int, torch.Tensor] = {}  # one tensor per owner, as a tied pair shares one
         for key, owner in _row_layers_by_base_key(model).items():
             state[key] = originals.setdefault(id(owner), owner.original_base_weight())
@@ -366,25 +477,33 @@ def _base_state_dict(original):
 
 def _set_base_state_dict(original):
     @functools.wraps(original)
-    def set_base_model_state_dict(model, state_dict: dict[str, torch.Tensor], strict: bool = True):
-        layers = _row_layers_by_base_key(model)
-        state_dict = dict(state_dict)
-        weights = {key: state_dict.pop(key) for key in layers if key in state_dict}
-        result = original(model, state_dict, strict=False)
-        missing = [k for k in result.missing_keys if k not in weights]
-        if strict and (missing or result.unexpected_keys):
-            raise RuntimeError(
-                f"Error(s) in loading state_dict: missing {missing}, unexpected {list(result.unexpected_keys)}"
-            )
-        loaded: set[int] = set()
-        for key, owner in layers.items():
-            if key in weights and id(owner) not in loaded:
-                owner.load_original_base_weight(weights[key])
-                loaded.add(id(owner))
-        return type(result)(missing_keys=missing, unexpected_keys=result.unexpected_keys)
+    def set_base_model_state_dict(model, *args, **kwargs):
+        if not carries_row_extension(model):
+            return original(model, *args, **kwargs)
+        return _set_ours(original, model, *args, **kwargs)
 
     setattr(set_base_model_state_dict, _MARK, original)
     return set_base_model_state_dict
+
+
+def _set_ours(original, model: Any, state_dict: dict[str, torch.Tensor], strict: bool = True):
+    """``set_base_model_state_dict`` for a model carrying a row-extension adapter: the row layers' weights are set
+    to the base's own shapes, the rest goes to PEFT."""
+    layers = _row_layers_by_base_key(model)
+    state_dict = dict(state_dict)
+    weights = {key: state_dict.pop(key) for key in layers if key in state_dict}
+    result = original(model, state_dict, strict=False)
+    missing = [k for k in result.missing_keys if k not in weights]
+    if strict and (missing or result.unexpected_keys):
+        raise RuntimeError(
+            f"Error(s) in loading state_dict: missing {missing}, unexpected {list(result.unexpected_keys)}"
+        )
+    loaded: set[int] = set()
+    for key, owner in layers.items():
+        if key in weights and id(owner) not in loaded:
+            owner.load_original_base_weight(weights[key])
+            loaded.add(id(owner))
+    return type(result)(missing_keys=missing, unexpected_keys=result.unexpected_keys)
 
 
 def _row_layers_by_base_key(model: Any) -> dict[str, RowExtensionLayer]:
@@ -398,9 +517,16 @@ def _row_layers_by_base_key(model: Any) -> dict[str, RowExtensionLayer]:
 
 
 # ---------------------------------------------------------------------- installing
+# patches whose target this peft/transformers lacks ("owner.attribute"): skipped, never an error at import time
+SKIPPED: list[str] = []
+
+
 def _patch(owner: Any, attribute: str, wrapper_factory, *, classmethod_: bool = False) -> None:
-    current = owner.__dict__[attribute] if classmethod_ else getattr(owner, attribute)  # may be inherited
-    function = current.__func__ if classmethod_ else current
+    current = (owner.__dict__.get(attribute) if classmethod_ else getattr(owner, attribute, None))  # may be inherited
+    function = getattr(current, "__func__", None) if classmethod_ else current
+    if not callable(function):
+        SKIPPED.append(f"{getattr(owner, '__qualname__', owner)}.{attribute}")
+        return
     # uti_peft_autoload's stand-in for load_adapter, which imported us: wrap what it stands in for
     function = getattr(function, AUTOLOAD_ORIGINAL_ATTRIBUTE, function)
     if hasattr(function, _MARK):
@@ -424,38 +550,53 @@ def _rebind(module_prefix: str, name: str, wrapper_factory) -> None:
                 setattr(module, name, wrapped)
 
 
-def _warn_on_unchecked_versions() -> None:
-    from importlib.metadata import version
+def _module(name: str) -> Any:
+    """The module ``name``, or None when this version has no such module (its patches are then skipped)."""
+    import importlib
 
-    for dist, prefixes in CHECKED_WITH.items():
-        if not version(dist).startswith(prefixes):
-            warnings.warn(
-                f"uti-peft was checked with {dist} {'/'.join(p + 'x' for p in prefixes)}, found {version(dist)}: "
-                "its adapter-loading integration may not fit this version",
-                stacklevel=3,
-            )
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        SKIPPED.append(name)
+        return None
+
+
+def _peft_below_transformers_minimum(hf_peft: Any) -> bool:
+    """Named flag for the adapter-management gate: transformers asks for a newer peft than the installed one."""
+    from packaging.version import InvalidVersion, Version
+
+    from .versions import PEFT
+
+    try:
+        return Version(str(getattr(hf_peft, "MIN_PEFT_VERSION", "0"))) > PEFT
+    except InvalidVersion:
+        return False
 
 
 def install() -> None:
-    """Idempotently apply every patch above (called when the method registers with PEFT)."""
-    import peft.auto
-    import peft.peft_model
-    import transformers.integrations.peft as hf_peft
-    import transformers.modeling_utils as modeling_utils
-    import transformers.models.auto.auto_factory  # noqa: F401  (loaded lazily by transformers; patched below)
+    """Idempotently apply every patch above (called when the method registers with PEFT). A target this version
+    lacks is skipped (recorded in `SKIPPED`): installing never fails for other adapters' sake."""
+    peft_model, peft_auto = _module("peft.peft_model"), _module("peft.auto")
+    hf_peft, modeling_utils = _module("transformers.integrations.peft"), _module("transformers.modeling_utils")
+    _module("transformers.models.auto.auto_factory")  # loaded lazily by transformers; rebound below
 
-    _warn_on_unchecked_versions()
+    warn_once_if_untested()
     _rebind("peft", "get_peft_model_state_dict", _rows_only_by_default)
     _rebind("peft", "load_peft_weights", _offline_subfolder_fix)
     _rebind("uti_peft", "load_peft_weights", _offline_subfolder_fix)
-    _patch(peft.peft_model.PeftModel, "push_to_hub", _push_to_hub)
-    _patch(hf_peft.PeftAdapterMixin, "load_adapter", _load_adapter)
-    for name in _GATED_METHODS:
-        _patch(hf_peft.PeftAdapterMixin, name, _gate_opened_for_ours)
-    _rebind("transformers.integrations.peft", "check_peft_version", _version_gate)
-    _patch(modeling_utils.PreTrainedModel, "save_pretrained", _save_pretrained)
-    _patch(peft.auto._BaseAutoPeftModel, "from_pretrained", _auto_peft_from_pretrained, classmethod_=True)
-    _patch(peft.peft_model.PeftModel, "get_nb_trainable_parameters", _count_rows_once)
+    if peft_model is not None:
+        _patch(peft_model.PeftModel, "push_to_hub", _push_to_hub)
+        _patch(peft_model.PeftModel, "get_nb_trainable_parameters", _count_rows_once)
+    if peft_auto is not None and hasattr(peft_auto, "_BaseAutoPeftModel"):
+        _patch(peft_auto._BaseAutoPeftModel, "from_pretrained", _auto_peft_from_pretrained, classmethod_=True)
+    if hf_peft is not None and hasattr(hf_peft, "PeftAdapterMixin"):
+        _patch(hf_peft.PeftAdapterMixin, "load_adapter", _load_adapter)
+        if _peft_below_transformers_minimum(hf_peft):
+            for name in _GATED_METHODS:
+                _patch(hf_peft.PeftAdapterMixin, name, _gate_opened_for_ours)
+            _rebind("transformers.integrations.peft", "check_peft_version", _version_gate)
+    if modeling_utils is not None:
+        _patch(modeling_utils.PreTrainedModel, "save_pretrained", _save_pretrained)
     for module in ("transformers.models.auto.auto_factory", "transformers.integrations.peft"):
         _rebind(module, "find_adapter_config_file", _base_required)
     _rebind("peft", "get_base_model_state_dict", _base_state_dict)
