@@ -446,6 +446,29 @@ def case_extract(layers: int, paths: Paths, params: Params) -> dict[str, Any]:
     return result
 
 
+def case_switch(paths: Paths, params: Params) -> dict[str, Any]:
+    """Switching between two row adapters of one token space (``set_adapter``, there and back) against a plain copy
+    of the adapter's rows (both blocks, resident to resident): the switch swaps the head's tail in place, the
+    untied embedding's rows need nothing."""
+    import_model_stack()
+    model = load_ours(paths, params)
+    model.load_adapter(paths.adapter, adapter_name="second")
+    rows = [p.detach() for n, p in model.named_parameters() if ".default" in n and "row_extension" in n]
+    copies = [torch.empty_like(r) for r in rows]
+    switches, plain = [], []
+    for _ in range(5):
+        start = time.perf_counter()
+        model.set_adapter("second")
+        model.set_adapter("default")
+        switches.append((time.perf_counter() - start) / 2)
+        start = time.perf_counter()
+        for src, dst in zip(rows, copies):
+            dst.copy_(src)
+        plain.append(time.perf_counter() - start)
+    return {"switch_s": sorted(switches)[2], "copy_s": sorted(plain)[2],
+            "rows_bytes": sum(r.numel() * r.element_size() for r in rows)}
+
+
 LAYER_CHOICES = range(1, 37)  # --layers and --merge-layers values that have a case (Qwen3-8B has 36 layers)
 
 CASES: dict[str, Callable[[Paths, Params], dict[str, Any]]] = {
@@ -456,6 +479,7 @@ CASES: dict[str, Callable[[Paths, Params], dict[str, Any]]] = {
     "load-legacy": lambda p, q: case_load("legacy", p, q),
     "load-legacy-nomean": lambda p, q: case_load("legacy_nomean", p, q),
     "inference": case_inference,
+    "switch": case_switch,
     "train-ours": lambda p, q: case_train("ours", p, q),
     "train-legacy": lambda p, q: case_train("legacy", p, q),
     "convert-ours": lambda p, q: case_convert("ours", p, q),

@@ -168,6 +168,14 @@ def head_build_section(runner: Runner) -> tuple[dict[str, Any], list[dict[str, A
     return {"medians": med, "raw": {kind: runner.results.get(f"head-{kind}", []) for kind in med}}, rows
 
 
+def switch_section(runner: Runner) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """bench.json's ``switch`` section and its row: ``set_adapter`` between two row adapters vs a copy of the rows."""
+    result = runner.first("switch")
+    row = ratio_target("set_adapter switch between two row adapters (s): vs a plain copy of the rows",
+                       result.get("switch_s"), result.get("copy_s"), "<= 1.1", "s")
+    return result, [row]
+
+
 def load_rows(med: dict[str, dict[str, Any]], legacy: dict[str, Any], head_bytes: int) -> list[dict[str, Any]]:
     """The load table rows: time and memory of ours vs merged (targets) and vs the legacy loader (info)."""
     o, m, nomean = med["ours"], med["merged"], med["legacy_nomean"]
@@ -430,10 +438,11 @@ def build_report(runner: Runner, paths: Paths, params: Params, setup: dict, star
     load, load_rows = load_section(runner, params)
     head, head_rows = head_build_section(runner)
     infer, infer_rows = inference_section(runner, params)
+    switch, switch_rows = switch_section(runner)
     train, train_rows = training_section(runner, params.shape)
     size, size_rows = size_section(runner, paths, params.shape)
     merge, merge_rows = merge_section(runner, params)
-    table = load_rows + head_rows + infer_rows + train_rows + size_rows + merge_rows
+    table = load_rows + head_rows + infer_rows + switch_rows + train_rows + size_rows + merge_rows
     targets = [row for row in table if row["kind"] == "target"]
     return {
         "machine": machine_info(),
@@ -443,6 +452,7 @@ def build_report(runner: Runner, paths: Paths, params: Params, setup: dict, star
         "load": load,
         "head_build": head,
         "inference": infer,
+        "switch": switch,
         "training": train,
         "size_and_conversion": size,
         "merge": merge,
