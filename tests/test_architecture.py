@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Lowest first. A module may import from its own layer (without a cycle) and from the layers below it.
 LAYERS: list[tuple[str, set[str]]] = [
     ("constants and errors", {"uti_peft.constants", "uti_peft.errors"}),
-    ("token space and utilities", {"uti_peft.token_space", "uti_peft.memory", "uti_peft.tiny", "uti_peft.output", "uti_peft.files",
+    ("token space and utilities", {"uti_peft.token_space", "uti_peft.memory", "uti_peft.tiny", "uti_peft.tiny_tokenizer", "uti_peft.output", "uti_peft.files",
                                    "uti_peft.paths", "uti_peft.adapter_location"}),
     ("the PEFT method", {"uti_peft.row_extension"}),
     ("I/O and tasks", {

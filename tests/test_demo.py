@@ -5,6 +5,7 @@ import os
 import torch
 from peft import PeftModel
 from safetensors import safe_open
+from transformers import AutoTokenizer, pipeline
 
 from uti_peft.cli import main
 from uti_peft.demo import BASE_ROWS, run_demo
@@ -45,5 +46,18 @@ def test_demo_cli_keeps_the_workdir_it_is_given(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "OK: save -> PeftModel.from_pretrained -> merge reproduces the logits exactly" in out
     assert sorted(os.listdir(tmp_path / "adapter")) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors", "token_space.json"
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "token_space.json",
+        "tokenizer.json", "tokenizer_config.json",
     ]
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(tmp_path / "base"))
+    assert "generated_from_text" in out and "<|pad_mm|>" in out
+
+
+def test_the_demo_adapter_carries_the_extended_tokenizer_and_generates_from_text(tmp_path):
+    run_demo(str(tmp_path), steps=0)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "adapter")
+    assert len(tokenizer) == 1576 and tokenizer.pad_token == "<|pad_mm|>"
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "base")) == 1000
+    generate = pipeline("text-generation", model=str(tmp_path / "adapter"))  # base and tokenizer found from there
+    text = generate("The cat", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert text.startswith("The cat") and len(generate.tokenizer(text).input_ids) > 2

@@ -487,3 +487,17 @@ def test_export_of_a_peft_trained_adapter_feeds_the_legacy_loader(tmp_path, tied
     loaded = load_converted(tmp_path / "adapter", tied=tied, dtype=torch.float32)
     ids = probe_ids(SPACE)
     assert torch.equal(logits(legacy, ids), logits(loaded, ids))
+
+
+def test_base_llm_is_compared_with_the_token_space_only_when_it_is_a_model_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "try" / "base").mkdir(parents=True)
+    for base_llm, warns in (("Qwen/Qwen2-7B", True), ("try/base", False)):  # a directory's name says nothing
+        write_legacy_checkpoint(tmp_path / base_llm.replace("/", "-"), SPACE, base_llm=base_llm)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            uti_peft.convert_legacy(tmp_path / base_llm.replace("/", "-"), tmp_path / f"out-{warns}")
+        said = [str(w.message) for w in caught if "was built for" in str(w.message)]
+        assert said == ([f"{tmp_path / 'Qwen-Qwen2-7B' / 'trainable_rows.pt'}: base_llm is 'Qwen/Qwen2-7B' but the "
+                         f"token space ({tmp_path / 'Qwen-Qwen2-7B' / 'token_space.json'}) was built for "
+                         "'uti-peft/tiny-qwen3'"] if warns else [])

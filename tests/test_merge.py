@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,14 +14,14 @@ import torch
 from huggingface_hub import ModelCard
 from peft import PeftModel, get_peft_model
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 import uti_peft
 import uti_peft.files
 from uti_peft.cli import main
 from uti_peft.merge import MARKER_NAME, MergeError, default_max_shard_size, merge_adapter
 from uti_peft.constants import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY
-from uti_peft.tiny import build_tiny_qwen3
+from uti_peft.tiny import build_tiny_qwen3, build_tiny_tokenizer
 from uti_peft.tokenizer import modality_token_names
 
 from conftest import BASE_ROWS, TEXT_VOCAB, legacy_patch, probe_ids, saved_rows, train_steps
@@ -106,6 +107,32 @@ def test_merged_checkpoint_equals_peft(tmp_path, token_space, case):
     assert config["tie_word_embeddings"] is tied
     generation = json.loads((Path(out) / "generation_config.json").read_text())
     assert generation["pad_token_id"] == token_space.pad_token_id
+
+
+def test_the_tiny_qwen3_base_merges_into_a_complete_checkpoint_whose_tokenizer_agrees(tmp_path, token_space,
+                                                                                   make_adapter):
+    base = tmp_path / "base"
+    build_tiny_qwen3().save_pretrained(base)
+    build_tiny_tokenizer().save_pretrained(base)
+    adapter = make_adapter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: the base has its tokenizer
+        out = Path(merge_adapter(base, adapter, tmp_path / "out", progress=False))
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert len(tokenizer) == config["vocab_size"] == FULL
+    # one pad everywhere: the token space's, in the tokenizer's own files too (what GGUF converters read)
+    assert tokenizer.pad_token_id == config["pad_token_id"] == generation["pad_token_id"] == token_space.pad_token_id
+    assert json.loads((out / "tokenizer_config.json").read_text())["pad_token"] == "<|pad_mm|>"
+    assert tokenizer.convert_ids_to_tokens(list(range(TEXT_VOCAB, FULL))) == modality_token_names(token_space)
+    mixed = [*tokenizer("A cat", add_special_tokens=False).input_ids, 1002, 1064, 1003, 1320]
+    assert tokenizer.decode(mixed) == "A cat<|img_start|><|img_0|><|img_end|><|aud0_0|>"
+    assert tokenizer.encode(tokenizer.decode(mixed), add_special_tokens=False) == mixed
+    generate = pipeline("text-generation", model=str(out))  # text in, text out, from the merged directory alone
+    chat = [{"role": "user", "content": "Describe this picture."}]
+    reply = generate(chat, max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert reply[0] == chat[0] and reply[1]["role"] == "assistant"
 
 
 def test_merged_checkpoint_equals_the_legacy_recipe(tmp_path, token_space, make_adapter):

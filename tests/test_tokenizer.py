@@ -104,3 +104,22 @@ def test_added_tokens_survive_save_and_load(tmp_path):
     loaded = PreTrainedTokenizerFast.from_pretrained(tmp_path)
     assert len(loaded) == TS.vocab_size
     assert loaded.decode([1002, 1064 + 42, 1512 + 63, 1003]) == "<|img_start|> <|img_42|> <|aud3_63|> <|img_end|>"
+
+
+def test_on_the_tiny_qwen3_tokenizer_modality_tokens_are_special_and_round_trip():
+    from uti_peft.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    names = add_modality_tokens(tokenizer, TS)
+    assert len(tokenizer) == TS.vocab_size
+    # the pad token is the token space's, as the model config's pad_token_id (not Qwen's <|endoftext|>)
+    assert (tokenizer.pad_token, tokenizer.pad_token_id) == ("<|pad_mm|>", TS.pad_token_id)
+    assert all(tokenizer.added_tokens_decoder[i].special for i in range(1000, 1576))
+    text_ids = tokenizer("The cat", add_special_tokens=False).input_ids
+    ids = [1000, *text_ids, 1001, 1007, 1002, 1064 + 7, 1064 + 200, 1003, 1320 + 3, 1384 + 9]
+    text = tokenizer.decode(ids)  # byte-level: no spaces are inserted around special tokens
+    assert text == "<|text_start|>The cat<|text_end|><|gen_img|><|img_start|><|img_7|><|img_200|><|img_end|>" \
+                   "<|aud0_3|><|aud1_9|>"
+    assert tokenizer.encode(text, add_special_tokens=False) == ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "The cat"
+    assert tokenizer.convert_tokens_to_ids(names) == list(range(1000, 1576))

@@ -526,3 +526,22 @@ def test_resume_under_fsdp2_continues_exactly(tmp_path, global_batch, launched):
     straight, resumed = final_weights(straight_dir), final_weights(tmp_path / "resumed")
     assert sorted(straight) == sorted(resumed) and all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert json.loads((tmp_path / "resumed" / "trainer_state.json").read_text())["global_step"] == 3
+
+
+def test_the_run_carries_the_base_tokenizer_extended_and_a_base_without_one_is_named(data_file, tmp_path, caplog):
+    run(data_file, tmp_path / "tiny", "--max-steps", "1")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tiny")  # what pipeline(model=OUTPUT_DIR) reads
+    assert len(tokenizer) == TS.vocab_size and tokenizer.pad_token_id == TS.pad_token_id
+
+    base = tmp_path / "base"  # a saved base with no tokenizer files: trained all the same, said once
+    build_tiny_qwen3().save_pretrained(base)
+    TS.save(base / "token_space.json")
+    args = parse("--base", base, "--data", data_file, "--output-dir", tmp_path / "plain", "--cpu", "--no-progress",
+                 "--max-steps", "1", "--save-steps", "0")
+    with caplog.at_level("WARNING"):
+        train(args)
+    assert f"base {str(base)!r} has no tokenizer files; {tmp_path / 'plain'} will hold no tokenizer" in caplog.text
+    assert not (tmp_path / "plain" / "tokenizer_config.json").exists()
+    assert (tmp_path / "plain" / WEIGHTS_NAME).is_file()

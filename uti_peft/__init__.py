@@ -41,6 +41,7 @@ _PUBLIC = {
     "merge_adapter": "merge",
     "TokenRange": "token_space",
     "TokenSpace": "token_space",
+    "add_modality_tokens": "tokenizer",
 }
 
 __all__ = sorted(_PUBLIC)

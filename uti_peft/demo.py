@@ -1,8 +1,9 @@
 """``uti-peft demo``: the whole adapter life cycle on a tiny, locally built Qwen3 (no download).
 
-Builds a base whose embedding has more rows than its text vocabulary (as Qwen3's 151,936 vs 151,669),
-a token space shaped like the real one, trains the new rows for a few steps, saves the adapter,
-reloads it onto a fresh base with ``PeftModel.from_pretrained``, merges, and checks each step.
+Builds a base whose embedding has more rows than its text vocabulary (as Qwen3's 151,936 vs 151,669), its
+byte-level BPE tokenizer and a token space shaped like the real one, trains the new rows for a few steps, saves
+the adapter with the tokenizer extended by every modality token (as an adapter is published), reloads it onto a
+fresh base with ``PeftModel.from_pretrained``, generates from a text prompt, merges, and checks each step.
 """
 
 from __future__ import annotations
@@ -17,16 +18,18 @@ from peft import PeftModel, get_peft_model
 
 from .constants import TOKEN_SPACE_NAME
 from .row_extension.config import RowExtensionConfig
-from .tiny import build_tiny_qwen3, tiny_token_space
+from .tiny import build_tiny_qwen3, build_tiny_tokenizer, tiny_token_space
+from .tokenizer import add_modality_tokens
 
 BASE_ROWS = 1024  # > text_vocab_size, like Qwen3's padded embedding
+PROMPT = "Describe this picture in one sentence."
 
 
 def run_demo(workdir: Optional[str] = None, *, steps: int = 3, seed: int = 0) -> dict[str, object]:
     """Run the demo and return what it checked (also printed by the CLI).
 
-    With ``workdir``, the tiny base (with its ``token_space.json``) is saved in ``workdir/base`` and the adapter in
-    ``workdir/adapter``, recording that base, and both are kept: the other commands (``train --base``, ``eval``,
+    With ``workdir``, the tiny base (with its tokenizer and ``token_space.json``) is saved in ``workdir/base`` and the
+    adapter (with the extended tokenizer) in ``workdir/adapter``, recording that base, and both are kept: the other commands (``train --base``, ``eval``,
     ``merge``) and ``AutoModelForCausalLM.from_pretrained(workdir/adapter)`` can use them offline. Without it
     everything goes to a temporary directory that is removed before returning (``adapter_dir`` is then None).
     ``steps`` may be 0: the rows keep their initial values and everything else is checked the same way.
@@ -48,8 +51,10 @@ def run_demo(workdir: Optional[str] = None, *, steps: int = 3, seed: int = 0) ->
 def _life_cycle(adapter_dir: str, steps: int, seed: int, base_dir: Optional[str]) -> dict[str, object]:
     space = tiny_token_space()
     base = build_tiny_qwen3(vocab_rows=BASE_ROWS, seed=seed)
+    tokenizer = build_tiny_tokenizer(space.text_vocab_size)
     if base_dir is not None:
         base.save_pretrained(base_dir)
+        tokenizer.save_pretrained(base_dir)
         space.save(os.path.join(base_dir, TOKEN_SPACE_NAME))
     model = get_peft_model(base, RowExtensionConfig(token_space=space))
     model.peft_config["default"].base_model_name_or_path = base_dir
@@ -66,10 +71,14 @@ def _life_cycle(adapter_dir: str, steps: int, seed: int, base_dir: Optional[str]
     with torch.no_grad():
         trained = model(input_ids=batch, labels=batch)
     model.save_pretrained(adapter_dir)
+    add_modality_tokens(tokenizer, space)
+    tokenizer.save_pretrained(adapter_dir)
 
     loaded = PeftModel.from_pretrained(build_tiny_qwen3(vocab_rows=BASE_ROWS, seed=seed), adapter_dir)
     with torch.no_grad():
         loaded_logits = loaded(batch).logits
+        prompt = tokenizer(PROMPT, return_tensors="pt")
+        generated = loaded.generate(**prompt, max_new_tokens=8, do_sample=False)[0, prompt.input_ids.shape[1]:]
         merged = loaded.merge_and_unload()
         merged_logits = merged(batch).logits
 
@@ -80,6 +89,7 @@ def _life_cycle(adapter_dir: str, steps: int, seed: int, base_dir: Optional[str]
         "text_vocab_size": space.text_vocab_size,
         "vocab_size": space.vocab_size,
         "new_rows": space.num_new_rows,
+        "tokenizer_size": len(tokenizer),
         "training_steps": steps,
         "trainable_params": trainable,
         "all_params": total,
@@ -89,6 +99,8 @@ def _life_cycle(adapter_dir: str, steps: int, seed: int, base_dir: Optional[str]
         "loaded_logits_width": loaded_logits.shape[-1],
         "loaded_config_vocab_size": merged.config.vocab_size,
         "loaded_pad_token_id": merged.config.pad_token_id,
+        "pad_token": tokenizer.pad_token,
+        "generated_from_text": f"{PROMPT!r} -> {tokenizer.decode(generated)!r} (random weights)",
         "loaded_equals_trained": torch.equal(loaded_logits, trained.logits),
         "merged_equals_loaded": torch.equal(merged_logits, loaded_logits),
         "merged_embedding_rows": merged.get_input_embeddings().weight.shape[0],

@@ -35,7 +35,7 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from transformers.utils import logging as hf_logging
 
@@ -49,12 +49,11 @@ from .output import atomic_output, copy_range, write_all
 from .paths import looks_like_path
 from .row_extension.layer import mean_rows
 from .row_extension.lora import SavedLora, merge_lora_weight, read_saved_lora
-from .tokenizer import add_modality_tokens
+from .tokenizer import TOKENIZER_FILES, has_tokenizer_files, load_extended_tokenizer
 
 MARKER_NAME = "uti_peft_merge.json"
-# what a base checkpoint (and its tokenizer) is made of, on the Hub; and the files that make a tokenizer
+# what a base checkpoint (and its tokenizer) is made of, on the Hub
 BASE_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 PathLike = Union[str, os.PathLike]
 
 
@@ -276,7 +275,7 @@ def _load_rows(folder: AdapterFolder, tied: bool) -> dict[str, torch.Tensor]:
 def _extended_tokenizer(base_dir: str, tokenizer: Optional[PathLike], space: Any) -> Optional[Any]:
     """The given tokenizer, else the base's own (when it has tokenizer files), with every modality token added."""
     if tokenizer is None:
-        if not any(os.path.isfile(os.path.join(base_dir, f)) for f in TOKENIZER_FILES):
+        if not has_tokenizer_files(base_dir):
             warnings.warn(f"base {base_dir!r} has no tokenizer files and no tokenizer was given: the merged "
                           "checkpoint has none (pass --tokenizer for engines that need one)")
             return None
@@ -284,14 +283,9 @@ def _extended_tokenizer(base_dir: str, tokenizer: Optional[PathLike], space: Any
     else:
         where = resolve_dir(tokenizer, "tokenizer", [*TOKENIZER_FILES, "*.json", "*.txt", "*.model", "*.jinja"])
     try:
-        loaded = AutoTokenizer.from_pretrained(where)
-    except Exception as exc:
-        raise MergeError(f"tokenizer {where!r} cannot be loaded: {type(exc).__name__}: {exc}") from exc
-    try:
-        add_modality_tokens(loaded, space)
+        return load_extended_tokenizer(where, space)
     except ValueError as exc:
-        raise MergeError(f"tokenizer {where!r}: {exc}") from exc
-    return loaded
+        raise MergeError(str(exc)) from exc
 
 
 # ---------------------------------------------------------------------- writing

@@ -2,7 +2,8 @@
 
 Used by ``uti-peft demo``, the benchmarks and the tests, so that nothing needs a download. The token
 space keeps the real layout (10 named specials in a 64-id SPECIAL block, an IMAGE block, four
-interleaved audio codebooks) with sizes you choose.
+interleaved audio codebooks) with sizes you choose; the tiny model's text tokenizer is a small
+byte-level BPE built like Qwen3's (`uti_peft.tiny_tokenizer.build_tiny_tokenizer`, re-exported here).
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from typing import Any
 
 import torch
 
+from .tiny_tokenizer import build_tiny_tokenizer
 from .token_space import TokenSpace
+
+__all__ = ["build_tiny_qwen3", "build_tiny_tokenizer", "build_token_space", "tiny_token_space"]
 
 SPECIAL_TOKENS = (
     "<|text_start|>",

@@ -6,6 +6,8 @@ from it. What this module adds is what the Trainer cannot know:
 
 - the model: a base (``--base`` or the tiny local Qwen3) wrapped with a new row-extension adapter, or with a
   saved one (``--init-adapter``), plus LoRA when ``--lora-r`` > 0 (`uti_peft.add_lora`);
+- the tokenizer: the base's, extended with every modality token, saved beside the adapter (and in checkpoints)
+  as the Trainer saves a ``processing_class``, so ``pipeline(model=OUTPUT_DIR)`` finds it;
 - the data: our users' JSONL, validated, truncated and padded by `uti_peft.data` exactly as ``uti-peft eval``
   scores it;
 - the optimizer: AdamW with one parameter group (and learning rate) per kind of trained parameter: input
@@ -19,6 +21,7 @@ from it. What this module adds is what the Trainer cannot know:
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -53,8 +56,9 @@ from .distributed import (
 )
 from .files import DTYPES
 from .output_dir import check_output_dir
-from .tiny import build_tiny_qwen3, tiny_token_space
+from .tiny import build_tiny_qwen3, build_tiny_tokenizer, tiny_token_space
 from .token_space import TokenSpace, resolve_token_space
+from .tokenizer import add_modality_tokens, has_tokenizer_files, load_extended_tokenizer
 
 logger = logging.get_logger(__name__)
 
@@ -83,6 +87,22 @@ def token_space_of(args: argparse.Namespace) -> TokenSpace:
     if space is None:
         raise FileNotFoundError(f"no {TOKEN_SPACE_NAME} in {args.base}; pass --token-space")
     return space
+
+
+def extended_tokenizer(args: argparse.Namespace, token_space: TokenSpace) -> Optional[Any]:
+    """The base's tokenizer with every modality token added: the tiny one with ``--tiny``, else ``--base``'s. None,
+    with a warning, when the base has none or it does not fit the token space (training does not need it)."""
+    try:
+        if args.tiny:
+            tokenizer = build_tiny_tokenizer(token_space.text_vocab_size)
+            add_modality_tokens(tokenizer, token_space)
+            return tokenizer
+        if os.path.isdir(args.base) and not has_tokenizer_files(args.base):
+            raise ValueError(f"base {args.base!r} has no tokenizer files")
+        return load_extended_tokenizer(args.base, token_space)
+    except ValueError as exc:
+        logger.warning(f"{exc}; {args.output_dir} will hold no tokenizer")
+        return None
 
 
 def build_model(base: torch.nn.Module, args: argparse.Namespace) -> PeftModel:
@@ -316,6 +336,8 @@ def training_arguments(args: argparse.Namespace) -> TrainingArguments:
         seed=args.seed,
         use_cpu=args.cpu,
         dataloader_num_workers=args.num_workers,
+        # pinned memory serves copies to an accelerator; without one torch warns at every start
+        dataloader_pin_memory=not args.cpu and torch.accelerator.is_available(),
         remove_unused_columns=False,  # the collator's task_index must reach compute_loss
         ddp_find_unused_parameters=False,  # every trained parameter gets a gradient at every step
         report_to=args.report_to,
@@ -366,6 +388,7 @@ def _build_trainer(args: argparse.Namespace) -> tuple[RowExtensionTrainer, list[
         args=training_arguments(args),
         train_dataset=examples,
         data_collator=PaddingCollator(token_space.pad_token_id, tasks),
+        processing_class=extended_tokenizer(args, token_space),
         tasks=tasks,
         learning_rates=learning_rates(args),
     )

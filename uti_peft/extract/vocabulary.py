@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from ..constants import TOKEN_SPACE_NAME
 from ..errors import ExtractError, RowExtensionError
-from ..merge import TOKENIZER_FILES
+from ..tokenizer import has_tokenizer_files
 from ..output import PathLike
 from ..token_space import TokenSpace, resolve_token_space
 
@@ -88,7 +88,7 @@ def _classify(name: str) -> tuple[str, Optional[int]]:
 def _tokenizer(directory: str, what: str) -> Any:
     """The tokenizer in ``directory`` (the source's or the base's), or `ExtractError` saying why there is none."""
     reason = "it has no tokenizer files"
-    if any(os.path.isfile(os.path.join(directory, name)) for name in TOKENIZER_FILES):
+    if has_tokenizer_files(directory):
         try:
             return AutoTokenizer.from_pretrained(directory)
         except Exception as exc:

@@ -191,7 +191,8 @@ def _check_token_space(ckpt: LegacyCheckpoint, space: TokenSpace) -> None:
             raise LegacyCheckpointError(
                 f"{ckpt.path}: {key} is {value} but the token space ({space.source}) has {name} {expected}"
             )
-    if space.base_text_model and space.base_text_model != ckpt.base_llm:
+    # a local directory's name says nothing about the model it holds: only model ids are compared
+    if space.base_text_model and space.base_text_model != ckpt.base_llm and not os.path.isdir(ckpt.base_llm or ""):
         warnings.warn(
             f"{ckpt.path}: base_llm is {ckpt.base_llm!r} but the token space ({space.source}) was built for "
             f"{space.base_text_model!r}"
