@@ -5,7 +5,7 @@
 
 Prefills 128 ids (new ids among them), then 64 greedy steps feeding both models the same token, and compares the
 embedding output, the head's input and output and the argmax at every step (forward hooks). Prints a JSON report.
-""
+"""
 import copy, json, sys, time
 import torch
 t0 = time.time()

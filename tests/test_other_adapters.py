@@ -7,7 +7,6 @@ must give the logits of the PeftModel it was saved from.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -208,8 +207,6 @@ def test_tested_ranges_are_ranges_and_an_untested_version_warns_once(monkeypatch
 def test_the_gate_patch_is_applied_only_while_transformers_asks_for_a_newer_peft():
     """transformers' MIN_PEFT_VERSION (0.18 in 5.0, 0.22 in 5.24+) decides; other models keep transformers' check."""
     import transformers.integrations.peft as hf_peft
-
-    from uti_peft.row_extension import _compat
 
     gated = hasattr(hf_peft.PeftAdapterMixin.active_adapters, "__uti_peft_compat__")
     assert gated == (Version(hf_peft.MIN_PEFT_VERSION) > versions.PEFT)

@@ -3,7 +3,6 @@ beyond the base tokenizer's (named as `uti_peft.tokenizer` names modality tokens
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, Optional, Union
 
