@@ -90,6 +90,9 @@ def test_only_one_row_adapter_can_be_active(make_adapter):
     model.load_adapter(make_adapter(name="second", init_noise_factor=0.5), adapter_name="second")
     with pytest.raises(uti_peft.RowExtensionError, match=r"set_adapter\(\['default', 'second'\]\): only one"):
         model.base_model.set_adapter(["default", "second"])
+    with model.disable_adapter():  # the weight holds the reference rows: switching now would mix them up
+        with pytest.raises(uti_peft.RowExtensionError, match="while adapters are disabled"):
+            model.set_adapter("second")
 
 
 def test_adapters_of_another_token_space_are_refused(make_adapter, token_space):

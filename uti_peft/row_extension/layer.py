@@ -175,6 +175,11 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
                 f"set_adapter({rows_adapters}): only one row-extension adapter can be active at a time (their rows "
                 "replace the same rows of the vocabulary)"
             )
+        if rows_adapters and self.disable_adapters and rows_adapters[0] != self._active_row_adapter():
+            raise RowExtensionError(
+                f"set_adapter({rows_adapters[0]!r}) while adapters are disabled: the weight holds the reference rows of "
+                f"{self._active_row_adapter()!r}; enable adapters first (leave the disable_adapter() block)"
+            )
         super().set_adapter(names, inference_mode=inference_mode)
         if rows_adapters and self.tied_to is None:
             self._hold_in_tail(rows_adapters[0])
