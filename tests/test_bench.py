@@ -55,10 +55,13 @@ def test_json_schema(quick_run):
     sweep = [f"load-{kind}-{n}L" for n in (2, 3) for kind in ("ours", "merged")]  # --quick's depths: 2 and 3
     for case in (*sweep, "cache-2L", "cache-3L", "head-map", "head-copy", "head-plain", "load-legacy-nomean",
                  "load-legacy", "inference", "train-ours", "train-legacy", "convert-ours", "convert-plain",
-                 "merge-ours-2L", "merge-peft-2L", "extract-2L", "switch"):
+                 "merge-ours-2L", "merge-peft-2L", "extract-2L", "switch", "head-loss-fused", "head-loss-unfused"):
         assert report["raw"][case], case
     switch = report["switch"]
     assert switch["switch_s"] > 0 and switch["copy_s"] > 0 and switch["rows_bytes"] > 0
+    fused, unfused = (report["raw"][f"head-loss-{kind}"][0] for kind in ("fused", "unfused"))
+    assert fused["loss"] == pytest.approx(unfused["loss"], rel=1e-2)  # the same loss, two ways (bf16)
+    assert fused["rows_grad_norm"] == pytest.approx(unfused["rows_grad_norm"], rel=5e-2)
     for case in (*sweep, "load-legacy-nomean"):
         for result in report["raw"][case]:
             assert {"seconds", "steady_rss_bytes", "peak_rss_bytes", "logits_sha256", "forwards_s"} <= set(result)

@@ -469,6 +469,38 @@ def case_switch(paths: Paths, params: Params) -> dict[str, Any]:
             "rows_bytes": sum(r.numel() * r.element_size() for r in rows)}
 
 
+def case_head_loss(kind: str, paths: Paths, params: Params) -> dict[str, Any]:
+    """One training step's lm_head + loss on a long sequence (2,048 tokens; 64 with --quick), from hidden states:
+    ``fused`` is TRL's chunked log-prob kernel reading the head's ``.weight`` (never the 164,021-wide logits, but a
+    transient ``[vocab, hidden]`` float32 weight gradient), ``unfused`` our lm_head module + cross-entropy (the full
+    logits, gradients to the rows only). Time of forward + backward and the peak RSS above the set-up."""
+    import torch.nn.functional as F
+    from trl.kernels import ChunkedLogProbFunction
+
+    from uti_peft.row_extension.layer import RowExtensionLinear
+
+    shape, tokens = params.shape, 64 if params.quick else 2048
+    generator = torch.Generator().manual_seed(params.seed)
+    base = torch.nn.Linear(shape.hidden, shape.vocab_rows, bias=False, dtype=DTYPE)
+    head = RowExtensionLinear(base, "default")
+    head.update_layer("default", shape.text_vocab, torch.randn(shape.new_rows, shape.hidden, generator=generator).to(DTYPE))
+    base.weight.requires_grad_(False)
+    hidden = torch.randn(tokens, shape.hidden, generator=generator).to(DTYPE).requires_grad_()
+    labels = torch.randint(0, shape.vocab_size, (tokens,), generator=generator)
+    peak_reset, before = reset_peak_rss(), proc_status()["VmRSS"]
+    start = time.perf_counter()
+    if kind == "fused":
+        log_probs = ChunkedLogProbFunction.apply(hidden, head.weight, None, labels, 1.0, 32768, None, 1.0, ("log_probs",))[0]
+        loss = -log_probs.mean()
+    else:
+        loss = F.cross_entropy(head(hidden).float(), labels)
+    loss.backward()
+    seconds = time.perf_counter() - start
+    rows = head.trained_rows["default"]
+    return {"seconds": seconds, "tokens": tokens, "peak_rss_above_setup_bytes": proc_status()["VmHWM"] - before,
+            "peak_reset": peak_reset, "loss": float(loss.detach()), "rows_grad_norm": float(rows.grad.float().norm())}
+
+
 LAYER_CHOICES = range(1, 37)  # --layers and --merge-layers values that have a case (Qwen3-8B has 36 layers)
 
 CASES: dict[str, Callable[[Paths, Params], dict[str, Any]]] = {
@@ -480,6 +512,7 @@ CASES: dict[str, Callable[[Paths, Params], dict[str, Any]]] = {
     "load-legacy-nomean": lambda p, q: case_load("legacy_nomean", p, q),
     "inference": case_inference,
     "switch": case_switch,
+    **{f"head-loss-{kind}": (lambda p, q, kind=kind: case_head_loss(kind, p, q)) for kind in ("fused", "unfused")},
     "train-ours": lambda p, q: case_train("ours", p, q),
     "train-legacy": lambda p, q: case_train("legacy", p, q),
     "convert-ours": lambda p, q: case_convert("ours", p, q),

@@ -176,6 +176,23 @@ def switch_section(runner: Runner) -> tuple[dict[str, Any], list[dict[str, Any]]
     return result, [row]
 
 
+def head_loss_section(runner: Runner) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """bench.json's ``head_loss`` section and its rows: TRL's fused log-prob head vs our unfused head + loss, one
+    training step on a long sequence, time and peak memory (information: which wins depends on the length)."""
+    keys = ("seconds", "peak_rss_above_setup_bytes")
+    med = {kind: {key: median(runner.values(f"head-loss-{kind}", key)) for key in keys} for kind in ("fused", "unfused")}
+    fused, unfused = med["fused"], med["unfused"]
+    tokens = runner.first("head-loss-fused").get("tokens")
+    rows = [
+        info(f"lm_head + loss step, {tokens} tokens (s): TRL's fused head vs ours unfused", fused["seconds"],
+             unfused["seconds"], ratio(fused["seconds"], unfused["seconds"]), "s"),
+        info("  its peak memory above the set-up (bytes): fused vs unfused", fused["peak_rss_above_setup_bytes"],
+             unfused["peak_rss_above_setup_bytes"],
+             ratio(fused["peak_rss_above_setup_bytes"], unfused["peak_rss_above_setup_bytes"]), "bytes"),
+    ]
+    return {"medians": med, "raw": {kind: runner.results.get(f"head-loss-{kind}", []) for kind in med}}, rows
+
+
 def load_rows(med: dict[str, dict[str, Any]], legacy: dict[str, Any], head_bytes: int) -> list[dict[str, Any]]:
     """The load table rows: time and memory of ours vs merged (targets) and vs the legacy loader (info)."""
     o, m, nomean = med["ours"], med["merged"], med["legacy_nomean"]
@@ -439,10 +456,11 @@ def build_report(runner: Runner, paths: Paths, params: Params, setup: dict, star
     head, head_rows = head_build_section(runner)
     infer, infer_rows = inference_section(runner, params)
     switch, switch_rows = switch_section(runner)
+    head_loss, head_loss_rows = head_loss_section(runner)
     train, train_rows = training_section(runner, params.shape)
     size, size_rows = size_section(runner, paths, params.shape)
     merge, merge_rows = merge_section(runner, params)
-    table = load_rows + head_rows + infer_rows + switch_rows + train_rows + size_rows + merge_rows
+    table = load_rows + head_rows + infer_rows + switch_rows + head_loss_rows + train_rows + size_rows + merge_rows
     targets = [row for row in table if row["kind"] == "target"]
     return {
         "machine": machine_info(),
@@ -453,6 +471,7 @@ def build_report(runner: Runner, paths: Paths, params: Params, setup: dict, star
         "head_build": head,
         "inference": infer,
         "switch": switch,
+        "head_loss": head_loss,
         "training": train,
         "size_and_conversion": size,
         "merge": merge,

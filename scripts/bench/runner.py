@@ -97,6 +97,7 @@ def schedule(params: Params) -> list[tuple[str, float]]:
     steps += [(f"head-{kind}", budget) for _ in range(params.reps) for kind in ("map", "copy", "plain")]
     steps.append(("load-legacy-nomean", budget))  # informational, once
     steps += [("inference", budget), ("switch", budget), ("train-ours", budget), ("train-legacy", budget)]
+    steps += alternating(["head-loss-fused", "head-loss-unfused"], params.reps, budget)
     steps += alternating(["convert-ours", "convert-plain"], params.reps, budget)
     for layers in params.merge_layers:
         steps += alternating([f"merge-ours-{layers}L", f"merge-peft-{layers}L"], params.reps, budget)
