@@ -417,7 +417,7 @@ def test_non_empty_output_dirs_are_refused_before_loading_anything(data_file, tm
         assert cli_train(data_file, out) == 0
     else:
         out.mkdir()
-        name = {"foreign": "notes.txt", "legacy": "trainable_rows.pt", "adapter": "adapter_config.json"}[kind]
+        name = {"foreign": "README.md", "legacy": "trainable_rows.pt", "adapter": "adapter_config.json"}[kind]
         (out / name).write_text("precious")
     before = snapshot(out)
     capsys.readouterr()
@@ -425,19 +425,22 @@ def test_non_empty_output_dirs_are_refused_before_loading_anything(data_file, tm
     assert cli_train(data_file, out, base=tmp_path / "no-such-base") == 2
     error = capsys.readouterr().err
     assert error.startswith("uti-peft train: error: ") and error.count("\n") == 1 and str(out) in error
-    expected = {"foreign": "notes.txt", "legacy": "legacy checkpoint", "adapter": "adapter directory",
+    expected = {"foreign": "README.md", "legacy": "legacy checkpoint", "adapter": "adapter directory",
                 "own": "an earlier uti-peft train run"}[kind]
     assert expected in error
     assert snapshot(out) == before  # nothing changed
 
-    # --overwrite-output-dir: never a legacy checkpoint or an adapter it did not create
+    # the refusal's own advice works: it names --overwrite-output-dir only for a run of ours
+    assert ("--overwrite-output-dir to replace it" in error) is (kind == "own")
+
+    # --overwrite-output-dir replaces only an earlier run: never a user's files, a legacy checkpoint or an adapter
     code = cli_train(data_file, out, "--overwrite-output-dir", base=tmp_path / "no-such-base")
-    if kind in ("legacy", "adapter"):
-        assert code == 2 and "even with --overwrite-output-dir" in capsys.readouterr().err
-        assert snapshot(out) == before
+    error = capsys.readouterr().err
+    if kind != "own":
+        assert code == 2 and str(out) in error and "choose another directory" in error
     else:  # allowed: the check passes and the (missing) base is what fails next, leaving the directory as it was
-        assert code == 2 and "no-such-base" in capsys.readouterr().err
-        assert snapshot(out) == before
+        assert code == 2 and "no-such-base" in error
+    assert snapshot(out) == before
 
 
 def test_overwrite_and_resume_of_our_own_runs(data_file, tmp_path, capsys):

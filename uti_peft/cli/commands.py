@@ -301,7 +301,7 @@ def define_train(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--resume-from-checkpoint",
                      help="a checkpoint-<step> directory of a uti-peft train run, or 'latest' in --output-dir")
     run.add_argument("--overwrite-output-dir", action="store_true",
-                     help="write into a non-empty --output-dir (never a legacy checkpoint or an adapter we did not create)")
+                     help="replace an earlier uti-peft train run in --output-dir (never a directory it did not create)")
     run.add_argument("--cpu", action="store_true", help="train on the CPU even if an accelerator is present")
     run.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
     run.add_argument("--report-to", default="none", help="Trainer integrations (tensorboard, wandb, ...)")
