@@ -47,3 +47,22 @@ def test_demo_cli_keeps_the_workdir_it_is_given(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / "adapter")) == [
         "README.md", "adapter_config.json", "adapter_model.safetensors", "token_space.json"
     ]
+
+
+def test_demo_never_writes_over_or_beside_other_weights(tmp_path, capsys):
+    for occupied in ("base", "adapter"):
+        workdir = tmp_path / occupied
+        (workdir / occupied).mkdir(parents=True)
+        old = {"model.safetensors": b"old weights", "config.json": b"{}", "adapter_model.safetensors": b"old rows",
+               "checkpoint-7/notes.txt": b"mine"}
+        for name, data in old.items():
+            (workdir / occupied / name).parent.mkdir(exist_ok=True)
+            (workdir / occupied / name).write_bytes(data)
+        capsys.readouterr()
+        assert main(["demo", "--workdir", str(workdir), "--steps", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("uti-peft demo: error: ") and err.count("\n") == 1
+        assert str(workdir / occupied) in err and "choose another location" in err
+        assert {str(p.relative_to(workdir / occupied)): p.read_bytes() for p in (workdir / occupied).rglob("*")
+                if p.is_file()} == old
+        assert sorted(os.listdir(workdir)) == [occupied]  # the other one was not written either

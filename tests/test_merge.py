@@ -222,7 +222,8 @@ def test_output_directory_rules(tmp_path, inputs):
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    refused(tmp_path, base, adapter, out, "already exists; pass --overwrite")
+    # not an earlier merge output: the refusal says so at once, not "pass --overwrite" (which would be refused too)
+    refused(tmp_path, base, adapter, out, f"holds no {MARKER_NAME}", "even with --overwrite")
     refused(tmp_path, base, adapter, out, f"holds no {MARKER_NAME}", overwrite=True)
     refused(tmp_path, base, adapter, base, "would replace the input", overwrite=True)
     refused(tmp_path, base, adapter, adapter, "would replace the input", overwrite=True)
@@ -231,6 +232,7 @@ def test_output_directory_rules(tmp_path, inputs):
     (out / "mine.txt").unlink()
     merge_adapter(base, adapter, out, overwrite=True, progress=False)  # empty: allowed
     (out / "stale.txt").write_text("old")
+    refused(tmp_path, base, adapter, out, "already exists; pass --overwrite")  # an earlier output: the hint works
     merge_adapter(base, adapter, out, overwrite=True, progress=False)  # an earlier merge output: replaced
     assert not (out / "stale.txt").exists() and (out / MARKER_NAME).exists()
 

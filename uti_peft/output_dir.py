@@ -165,3 +165,18 @@ def _check_resume(output_dir: str, resume: str, entries: list[str], own: bool) -
             f"--output-dir {output_dir} is not empty and not a uti-peft train run (it holds {_listing(entries)}); "
             "resume into the checkpoint's own run directory or a new one"
         )
+
+
+def refuse_occupied(directory: str, what: str) -> None:
+    """Raise `FileExistsError` if ``directory`` exists and is a file or a non-empty directory: commands that keep
+    no marker of their own (``demo --workdir``) write only new or empty directories, never beside old files."""
+    if not os.path.lexists(directory):
+        return
+    if not os.path.isdir(directory) or os.path.islink(directory):
+        raise FileExistsError(f"{what} {directory} exists and is not a directory; choose another location")
+    entries = os.listdir(directory)
+    if entries:
+        raise FileExistsError(
+            f"{what} {directory} is not empty (it holds {_listing(entries)}); it is never written into: choose "
+            "another location, or remove it yourself"
+        )
