@@ -279,3 +279,9 @@ def test_cli(tmp_path, inputs, capsys):
     assert err.startswith("uti-peft merge: error: output directory") and err.count("\n") == 1
     assert main(["merge", str(base), str(adapter), "-o", str(tmp_path / "o2"), "--max-shard-size", "lots"]) == 2
     assert "max_shard_size is 'lots'" in capsys.readouterr().err
+    # a base without a tokenizer: its warning is not printed before (or beside) the real error
+    bare = save_base(tmp_path / "bare", tokenizer_size=None)
+    capsys.readouterr()
+    assert main(["merge", str(bare), str(adapter), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("uti-peft merge: error: output directory") and err.count("\n") == 1

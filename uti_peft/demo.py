@@ -17,21 +17,12 @@ from peft import PeftModel, get_peft_model
 
 from .constants import TOKEN_SPACE_NAME
 from .output import atomic_output
-from .output_dir import refuse_occupied
+from .output_dir import demo_workdir_targets
 from .row_extension.config import RowExtensionConfig
 from .tiny import build_tiny_qwen3, tiny_token_space
 
 BASE_ROWS = 1024  # > text_vocab_size, like Qwen3's padded embedding
 _NO_MARKER = ".uti-peft-demo-never-written"  # atomic_output replaces only an empty directory: demo has no marker
-
-
-def workdir_targets(workdir: str) -> tuple[str, str]:
-    """``workdir/base`` and ``workdir/adapter`` (absolute), refused unless new or empty: the demo never writes
-    beside other weights or over them."""
-    targets = tuple(os.path.abspath(os.path.join(workdir, name)) for name in ("base", "adapter"))
-    for target in targets:
-        refuse_occupied(target, f"--workdir {workdir}:")
-    return targets  # type: ignore[return-value]
 
 
 def run_demo(workdir: Optional[str] = None, *, steps: int = 3, seed: int = 0) -> dict[str, object]:
@@ -52,7 +43,7 @@ def run_demo(workdir: Optional[str] = None, *, steps: int = 3, seed: int = 0) ->
             root = stack.enter_context(tempfile.TemporaryDirectory(prefix="uti-peft-demo-"))
             report = _life_cycle(os.path.join(root, "adapter"), steps, seed, None)
         else:
-            base_dir, adapter_dir = workdir_targets(workdir)
+            base_dir, adapter_dir = demo_workdir_targets(workdir)
             report = _life_cycle(adapter_dir, steps, seed, base_dir)
         if workdir is None:
             report["adapter_dir"] = None

@@ -1,4 +1,6 @@
-"""The output directory of ``uti-peft train``: runs never clobber what they did not write.
+"""The output directory of ``uti-peft train`` (and ``demo --workdir``'s): runs never clobber what they did not write.
+
+Stdlib only, so that the command line checks these rules before importing torch.
 
 A run writes a small marker file (`MARKER_NAME`) into its ``--output-dir`` when it starts; a directory
 holding it is "an earlier run of our own". The rules, all checked before the model is loaded:
@@ -180,3 +182,12 @@ def refuse_occupied(directory: str, what: str) -> None:
             f"{what} {directory} is not empty (it holds {_listing(entries)}); it is never written into: choose "
             "another location, or remove it yourself"
         )
+
+
+def demo_workdir_targets(workdir: str) -> tuple[str, str]:
+    """``workdir/base`` and ``workdir/adapter`` (absolute), refused unless new or empty: ``uti-peft demo`` never
+    writes beside other weights or over them."""
+    base, adapter = (os.path.abspath(os.path.join(workdir, name)) for name in ("base", "adapter"))
+    for target in (base, adapter):
+        refuse_occupied(target, f"--workdir {workdir}:")
+    return base, adapter
