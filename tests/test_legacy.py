@@ -470,6 +470,15 @@ def test_inspect_describes_checkpoints_and_adapters_without_a_model(tmp_path, ca
     assert any("row_end: 1500 in trainable_rows.json vs 1576" in p for p in info["problems"])
 
 
+def test_convert_records_a_local_base_that_still_resolves(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_legacy_checkpoint(tmp_path / "ckpt", SPACE)
+    (tmp_path / "bases" / "tiny").mkdir(parents=True)  # a local base, typed relative to the current directory
+    assert main(["convert-legacy", "ckpt", "-o", "adapter", "--base-model", "bases/tiny"]) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "bases" / "tiny")
+
+
 def test_inspect_of_a_truncated_or_foreign_file_is_an_error(tmp_path, capsys):
     write_legacy_checkpoint(tmp_path / "ckpt", SPACE)
     uti_peft.convert_legacy(tmp_path / "ckpt", tmp_path / "adapter")

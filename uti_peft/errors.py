@@ -33,3 +33,8 @@ class LegacyCheckpointError(RowExtensionError):
 class MergeError(RowExtensionError):
     """A merge (`uti_peft.merge`) cannot be made: the base, adapter, tokenizer or output directory does not allow
     it. Nothing was written."""
+
+
+class BaseModelNotFoundError(RowExtensionError):
+    """The base an adapter records (``base_model_name_or_path``) is a local path that does not exist here; the
+    adapter can still be loaded onto that base given explicitly."""

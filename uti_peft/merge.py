@@ -46,7 +46,7 @@ from .files import SAFETENSORS_DTYPES, dtype_from_name, file_sha256, read_safete
 from .adapter_location import explain_hub_error
 from .adapter_folder import AdapterFolder, check_adapter_folder
 from .output import atomic_output, check_target, copy_range, write_all
-from .paths import looks_like_path
+from .paths import looks_like_path, portable_base
 from .row_extension.layer import mean_rows
 from .row_extension.lora import SavedLora, merge_lora_weight, read_saved_lora
 from .tokenizer import add_modality_tokens
@@ -216,7 +216,7 @@ def plan_merge(
         where = os.path.join(folder.path, folder.config.lora_adapter)
         lora = read_saved_lora(where, folder.config.lora_adapter, model, shapes)
     plan = MergePlan(
-        os.fspath(base), os.fspath(adapter), base_dir, folder, config, generation_config,
+        portable_base(os.fspath(base)), portable_base(os.fspath(adapter)), base_dir, folder, config, generation_config,
         _extended_tokenizer(base_dir, tokenizer, space), stored, outputs, embed, head, tied, rows, lora,
         max_shard_size if max_shard_size is not None else default_max_shard_size(),
     )

@@ -39,6 +39,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 
 from ..constants import AUTOLOAD_ORIGINAL_ATTRIBUTE, PEFT_KEY_PREFIX, PEFT_TYPE_NAME, WEIGHTS_NAME
+from ..adapter_location import check_recorded_base
 from ..errors import RowExtensionError
 from .config import RowExtensionConfig, find_row_extension_adapter
 from .layer import RowExtensionLayer
@@ -306,8 +307,10 @@ def _base_required(original):
         embedded_in_a_model = os.path.isfile(os.path.join(os.fspath(model_id), "config.json"))
         if _is_row_extension_file(found) and not embedded_in_a_model:
             with open(found, encoding="utf-8") as f:
-                if not json.load(f).get("base_model_name_or_path"):
-                    raise _no_base_error(model_id)
+                base = json.load(f).get("base_model_name_or_path")
+            if not base:
+                raise _no_base_error(model_id)
+            check_recorded_base(model_id, base)  # a moved local base: fail now, not after the Hub's retries
         return found
 
     setattr(find_adapter_config_file, _MARK, original)
@@ -325,6 +328,8 @@ def _auto_peft_from_pretrained(original):
             )
         if isinstance(config, RowExtensionConfig) and not config.base_model_name_or_path:
             raise _no_base_error(pretrained_model_name_or_path)
+        if isinstance(config, RowExtensionConfig):
+            check_recorded_base(pretrained_model_name_or_path, config.base_model_name_or_path)
         return original(cls, pretrained_model_name_or_path, *args, **kwargs)
 
     setattr(from_pretrained, _MARK, original)
