@@ -13,7 +13,7 @@ import torch
 from huggingface_hub import ModelCard, constants
 from peft import PeftModel, get_peft_model
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 import uti_peft
 import uti_peft.files
@@ -125,6 +125,8 @@ def test_output_files_tokenizer_card_and_marker(tmp_path, token_space, make_adap
     def no_loading(*args, **kwargs):
         raise AssertionError("merge must not instantiate the model")
 
+    # every model class loads through PreTrainedModel.from_pretrained (the auto classes and Qwen3ForCausalLM alike)
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(no_loading))
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
     out = Path(merge_adapter(base, adapter, tmp_path / "out", progress=False))
     monkeypatch.undo()

@@ -175,7 +175,7 @@ def test_delete_adapter_gives_the_base_back(make_adapter, token_space):
     restored_state = get_base_model_state_dict(model)
     assert restored_state.keys() == original.keys()
     assert all(torch.equal(restored_state[k], v) for k, v in original.items())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Adapter unknown does not exist"):
         model.delete_adapter("unknown")
 
 
