@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import sys
 from pathlib import Path
 
@@ -50,6 +51,19 @@ def save_adapter(path: Path, space, *, lora: bool = False, **kwargs) -> Path:
     train_steps(model, space)
     model.save_pretrained(path)
     return path
+
+
+def stored_dtypes(directory) -> dict[str, str]:
+    """Each tensor's dtype as written in the safetensors headers (read by hand: transformers would load the tensors
+    in the dtype config.json names, whatever the file holds)."""
+    found = {}
+    for shard in Path(directory).glob("*.safetensors"):
+        with open(shard, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        found.update({name: entry["dtype"] for name, entry in header.items() if name != "__metadata__"})
+    assert found, f"no tensors in {directory}"
+    return found
 
 
 def logits(model, ids) -> torch.Tensor:
@@ -101,6 +115,7 @@ def test_merged_checkpoint_equals_peft(tmp_path, token_space, case):
         assert expected_state.keys() == state.keys()
         assert all(torch.equal(state[k], v) for k, v in expected_state.items())
     assert merged.dtype == (out_dtype or dtype)
+    assert set(stored_dtypes(out).values()) == {{BF16: "BF16", FP32: "F32"}[out_dtype or dtype]}  # on disk
     config = json.loads((Path(out) / "config.json").read_text())
     assert (config["vocab_size"], config["pad_token_id"]) == (FULL, token_space.pad_token_id)
     assert config["tie_word_embeddings"] is tied
@@ -275,6 +290,8 @@ def test_cli(tmp_path, inputs, capsys):
     out = tmp_path / "out"
     assert main(["merge", str(base), str(adapter), "-o", str(out), "--dtype", "bfloat16", "--no-progress"]) == 0
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert set(stored_dtypes(out).values()) == {"BF16"}  # the tensors themselves, not only the config (base: F32)
+    assert set(stored_dtypes(base).values()) == {"F32"}
     capsys.readouterr()
     assert main(["merge", str(base), str(adapter), "-o", str(out)]) == 2
     err = capsys.readouterr().err
