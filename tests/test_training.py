@@ -460,9 +460,17 @@ def test_overwrite_and_resume_of_our_own_runs(data_file, tmp_path, capsys):
     capsys.readouterr()
     assert cli_train(data_file, out, "--resume-from-checkpoint", "latest") == 2
     assert "no checkpoint-<step> directory in" in capsys.readouterr().err
-    assert cli_train(data_file, out, "--save-steps", "1", "--max-steps", "1", "--overwrite-output-dir") == 0
-    assert cli_train(data_file, out, "--resume-from-checkpoint", "latest", "--max-steps", "2") == 0
+    # a run of 2 steps, checkpointed at each; resumed from its first checkpoint (the second removed), starting from
+    # other rows (--init-rows mean), it must end bit for bit where it ended: only the checkpoint's rows, optimizer
+    # and data position can make it so (a run that ignored the resume would also reach step 2)
+    assert cli_train(data_file, out, "--save-steps", "1", "--max-steps", "2", "--overwrite-output-dir") == 0
+    expected = load_file(out / WEIGHTS_NAME)
+    shutil.rmtree(out / "checkpoint-2")
+    assert cli_train(data_file, out, "--resume-from-checkpoint", "latest", "--max-steps", "2", "--init-rows",
+                     "mean") == 0
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    resumed = load_file(out / WEIGHTS_NAME)
+    assert sorted(resumed) == sorted(expected) and all(torch.equal(resumed[k], expected[k]) for k in expected)
 
     # only our own runs are resumed: not "latest" in a foreign directory, not a checkpoint we did not write
     foreign = tmp_path / "foreign"  # a checkpoint copied out of our run, into a directory without our marker
