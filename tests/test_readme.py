@@ -63,7 +63,8 @@ def test_offline_walkthrough_runs_as_written(tmp_path):
     assert report["loss_mean"] == pytest.approx({t: sum(v) / len(v) for t, v in losses.items()}, rel=1e-5)
 
     # the merged checkpoint gives PeftModel's logits; the converted adapter holds the trained rows
-    ids = torch.randint(0, trained.peft_config["default"].vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    vocab_size = trained.peft_config["default"].vocab_size
+    ids = torch.randint(0, vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     merged = AutoModelForCausalLM.from_pretrained(try_dir / "merged").eval()
     with torch.no_grad():
         assert torch.equal(merged(input_ids=ids).logits, trained(input_ids=ids).logits)

@@ -52,14 +52,17 @@ class TopParser(Parser):
     """The ``uti-peft`` parser: an unknown option is reported by the command it was given to (``uti-peft train:
     error: unrecognized arguments: …``), and before "COMMAND required" (``uti-peft --verison``)."""
 
-    def parse_args(self, args: Optional[Sequence[str]] = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+    def parse_args(  # type: ignore[override]
+        self, args: Optional[Sequence[str]] = None, namespace: Any = None
+    ) -> argparse.Namespace:
         parsed, extras = self.parse_known_args(args, namespace)
         command = getattr(parsed, "command", None)
         if extras:
             where = self._command_parsers().get(command, self)
             known = [o for a in where._actions for o in a.option_strings]
             guess = difflib.get_close_matches(extras[0].split("=")[0], known, n=1)
-            where.error(f"unrecognized arguments: {' '.join(extras)}" + (f" (did you mean {guess[0]}?)" if guess else ""))
+            hint = f" (did you mean {guess[0]}?)" if guess else ""
+            where.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
         if command is None:
             self.error(f"a COMMAND is required: one of {', '.join(self._command_parsers())}")
         return parsed

@@ -97,7 +97,8 @@ def _inspect_adapter(adapter_dir: str) -> dict[str, Any]:
     try:  # the rows themselves: unreadable is an error (once), not one more problem on the list
         header = read_safetensors_header(weights_path)
     except (OSError, ValueError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).removeprefix(f"{weights_path}: ")
+        own_words = isinstance(exc, OSError) and exc.strerror
+        reason = exc.strerror if own_words else str(exc).removeprefix(f"{weights_path}: ")
         raise LegacyCheckpointError(f"{weights_path}: cannot be read ({reason})") from None
     problems: list[str] = []
     space = None
