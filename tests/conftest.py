@@ -10,7 +10,6 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 
 import uti_peft
-from uti_peft.constants import INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
 from uti_peft.tiny import build_tiny_qwen3, tiny_token_space
 
 TEXT_VOCAB = 1000  # tiny_token_space().text_vocab_size
@@ -47,14 +46,21 @@ def legacy_patch(model, space, input_rows: torch.Tensor, output_rows: torch.Tens
     return model
 
 
+# The on-disk format, spelled out here rather than imported from uti_peft.constants: the legacy reference reads the
+# adapter file as a third party would, so a swap or rename of the package's constants cannot pass unnoticed.
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+INPUT_ROWS_TENSOR = "input_embeddings.new_rows"
+OUTPUT_ROWS_TENSOR = "output_embeddings.new_rows"
+
+
 def saved_rows(adapter_dir) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(adapter_dir, WEIGHTS_NAME))
+    return load_file(os.path.join(adapter_dir, ADAPTER_WEIGHTS_FILE))
 
 
 def legacy_model_for(adapter_dir, space, *, mean_resizing=False, **base_kwargs):
     """A fresh base patched the legacy way with the rows read straight from the adapter file."""
     rows = saved_rows(adapter_dir)
-    return legacy_patch(build_tiny_qwen3(**base_kwargs), space, rows[INPUT_ROWS_KEY], rows.get(OUTPUT_ROWS_KEY),
+    return legacy_patch(build_tiny_qwen3(**base_kwargs), space, rows[INPUT_ROWS_TENSOR], rows.get(OUTPUT_ROWS_TENSOR),
                         mean_resizing=mean_resizing)
 
 

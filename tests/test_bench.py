@@ -101,9 +101,26 @@ def test_deterministic_facts(quick_run):
     head_build = report["raw"]["head-plain"][0]
     assert head_build["text_bytes"] == space.text_vocab_size * hidden * dtype_bytes
 
-    legacy = report["load"]["legacy_defaults"]
-    assert legacy["timed_out"] is True and legacy["seconds_lower_bound"] >= 0.001  # killed at --legacy-timeout
+    # the legacy load was ended by its own timer (not a crash, not the process timeout), before any logits; the
+    # lower bound reported is the --legacy-timeout given above
+    raw = report["raw"]
+    assert [(r.get("timed_out"), r.get("killed_by"), "logits_sha256" in r) for r in raw["load-legacy"]] == [
+        (True, "case time limit", False)]
+    assert report["load"]["legacy_defaults"]["seconds_lower_bound"] == 0.001
+
+    # the exactness verdicts, recomputed from the raw digests and tokens (each required to exist)
+    def digests(case):
+        found = [r.get("logits_sha256") for r in raw[case]]
+        assert found and all(found), (case, found)
+        return set(found)
+
+    main = report["parameters"]["shape"]["layers"]
+    for depth in (2, 3):
+        assert len(digests(f"load-ours-{depth}L") | digests(f"load-merged-{depth}L")) == 1, depth
+    assert digests("load-legacy-nomean") == digests(f"load-ours-{main}L")
     assert report["load"]["logits_identical_ours_merged_legacy"] is True
+    tokens = raw["inference"][0]["tokens"]
+    assert len(tokens["ours"]) == 1 + report["parameters"]["decode_steps"] and tokens["ours"] == tokens["merged"]
     assert report["inference"]["same_greedy_tokens"] is True
 
     training = report["training"]
@@ -113,7 +130,10 @@ def test_deterministic_facts(quick_run):
     assert training["legacy"]["grad_bytes"] == 2 * shape["vocab_size"] * shape["hidden"] * dtype_bytes
 
     merge = report["merge"]["layers"]["2"]
-    assert merge["tensors_identical"] is True  # uti-peft merge writes exactly what PEFT's merge_and_unload saves
+    # uti-peft merge writes exactly what PEFT's merge_and_unload saves (from the raw digests, each present)
+    merged_digests = [r.get("tensors_sha256") for case in ("merge-ours-2L", "merge-peft-2L") for r in raw[case]]
+    assert len(merged_digests) >= 2 and all(merged_digests) and len(set(merged_digests)) == 1
+    assert merge["tensors_identical"] is True
     assert merge["extract_rows_identical"] is True  # extract gives the adapter's rows file back from the merged one
     assert report["merge"]["largest_merged_tensor_bytes"] == shape["vocab_size"] * shape["hidden"] * 2
 

@@ -148,6 +148,15 @@ def test_help_shows_the_defaults():
         (["eval", "--base", "b"], "eval", "the following arguments are required: --data"),
         (["eval", "--base", "b", "--data", "d", "--dtype", "int8"], "eval", "invalid choice: 'int8'"),
         (["push", "dir"], "push", "the following arguments are required: REPO_ID"),
+        # no abbreviation is taken for an option, and an unknown one is reported by the command it was given to
+        (["train", "--tiny", "--data", "d", "--output-dir", "o", "--dtyp", "bfloat16"], "train",
+         "unrecognized arguments: --dtyp bfloat16 (did you mean --dtype?)"),
+        (["train", "--tiny", "--data", "d", "--output-dir", "o", "--max-step", "3"], "train",
+         "unrecognized arguments: --max-step 3"),
+        (["demo", "surplus"], "demo", "unrecognized arguments: surplus"),
+        (["--verison"], "", "unrecognized arguments: --verison (did you mean --version?)"),
+        ([], "", "a COMMAND is required: one of demo, "),
+        (["demo", "--steps", "abc"], "demo", "argument --steps: expected an integer, got 'abc'"),
     ],
 )
 def test_bad_options_are_one_line_and_exit_2(argv, command, message, capsys):
@@ -174,7 +183,7 @@ def test_user_errors_fail_before_any_model_or_hub_access(files, online, no_model
           str(files / "legacy" / "trainable_rows.json")], "trainable_rows.json: missing field 'text_vocab_size'"),
         (["push", str(files / "legacy"), "org/x"], "has no adapter_config.json"),
         (["push", str(files / "adapter"), "./not-a-repo"], "REPO_ID './not-a-repo' is not a valid Hub repo id"),
-        (["inspect", str(files / "nothing")], "neither a legacy checkpoint"),
+        (["inspect", str(files / "nothing")], "nothing': no such file or directory; expected a legacy checkpoint"),
         (["train", "--tiny", "--data", data, "--output-dir", str(files / "base" / "config.json")],
          "is a file, not a directory"),
     ]
@@ -217,7 +226,48 @@ def test_a_traceback_is_never_printed_without_debug(files):
         f"import sys; from uti_peft.cli import main; sys.exit(main(['inspect', {str(files / 'nothing')!r}]))"
     )
     assert run.returncode == 2
-    assert "neither a legacy checkpoint" in one_error_line(run.stderr, "inspect")
+    assert "no such file or directory; expected a legacy checkpoint" in one_error_line(run.stderr, "inspect")
+
+
+def test_a_path_that_does_not_exist_fails_before_torch_is_imported(files, tmp_path):
+    """Every command checks its paths first: a typo costs no import of the deep-learning stack (seconds on a busy
+    machine). Run in a fresh process, which records what each failing command had imported."""
+    missing = str(tmp_path / "missing")
+    occupied = tmp_path / "occupied"
+    (occupied / "base").mkdir(parents=True)
+    (occupied / "base" / "model.safetensors").write_text("old")
+    data = str(files / "data.jsonl")
+    cases = [
+        ["demo", "--workdir", str(occupied)],
+        ["inspect", missing],
+        ["convert-legacy", missing, "-o", str(tmp_path / "out")],
+        ["convert-legacy", str(files / "legacy"), "-o", str(tmp_path / "out"), "--lora", missing],
+        ["export-legacy", missing, "-o", str(tmp_path / "out")],
+        ["push", missing, "org/name"],
+        ["merge", missing, str(files / "adapter"), "-o", str(tmp_path / "out")],
+        ["merge", str(files / "base"), missing, "-o", str(tmp_path / "out")],
+        ["eval", "--base", str(files / "base"), "--adapter", missing, "--data", data],
+        ["eval", "--base", str(files / "base"), "--data", missing],
+        ["train", "--base", missing, "--data", data, "--output-dir", str(tmp_path / "run")],
+        ["train", "--tiny", "--data", missing, "--output-dir", str(tmp_path / "run")],
+        ["train", "--tiny", "--data", data, "--init-adapter", missing, "--output-dir", str(tmp_path / "run")],
+    ]
+    run = run_python(f"""
+        import contextlib, io, json, sys
+        from uti_peft.cli import main
+        results = []
+        for argv in {cases!r}:
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                code = main(argv)
+            results.append((code, err.getvalue(), sorted(m for m in {HEAVY!r} if m in sys.modules)))
+        print(json.dumps(results))
+    """)
+    assert run.returncode == 0, run.stderr
+    for argv, (code, err, imported) in zip(cases, json.loads(run.stdout)):
+        assert code == 2, (argv, err)
+        assert "missing" in one_error_line(err, argv[0]) or "occupied" in err, (argv, err)
+        assert "torch" not in imported, (argv, imported)
 
 
 # ---------------------------------------------------------------------------------------- the network
@@ -312,6 +362,7 @@ def test_demo_with_zero_steps_works_and_removes_its_temp_dir(tmp_path, monkeypat
     out = capsys.readouterr()
     assert "OK: save -> PeftModel.from_pretrained -> merge reproduces the logits exactly" in out.out
     assert "training_steps             0" in out.out
+    assert "note: --steps 0: nothing was trained" in out.out  # said, not only implied by a number
     assert os.listdir(tmp_path) == []  # the temp dir is gone
     assert out.err == ""  # no warning from our code on the happy path
 

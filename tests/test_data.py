@@ -75,14 +75,20 @@ def test_scored_token_losses_are_the_shifted_cross_entropy_per_row():
     assert losses.sum().item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_shared_command_line_options():
+def test_shared_command_line_options(capsys):
     parser = argparse.ArgumentParser()
     cli_commands.add_data_arguments(parser)
     args = parser.parse_args(["--data", "d.jsonl"])
     assert (args.data, args.max_seq_len, args.truncation_side) == ("d.jsonl", 2048, "left")
-    for bad in (["--max-seq-len", "0"], ["--truncation-side", "middle"], []):
-        with pytest.raises(SystemExit):
-            parser.parse_args(["--data", "d.jsonl", *bad] if bad else [])
+    for bad, message in (
+        (["--data", "d.jsonl", "--max-seq-len", "0"], "argument --max-seq-len: must be a positive integer, got 0"),
+        (["--data", "d.jsonl", "--max-seq-len", "x"], "argument --max-seq-len: expected an integer, got 'x'"),
+        (["--data", "d.jsonl", "--truncation-side", "middle"], "argument --truncation-side: invalid choice: 'middle'"),
+        ([], "the following arguments are required: --data"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(bad)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, bad
 
 
 def test_task_list_is_sorted_and_unique():

@@ -61,3 +61,22 @@ def test_the_demo_adapter_carries_the_extended_tokenizer_and_generates_from_text
     generate = pipeline("text-generation", model=str(tmp_path / "adapter"))  # base and tokenizer found from there
     text = generate("The cat", max_new_tokens=4, do_sample=False)[0]["generated_text"]
     assert text.startswith("The cat") and len(generate.tokenizer(text).input_ids) > 2
+
+
+def test_demo_never_writes_over_or_beside_other_weights(tmp_path, capsys):
+    for occupied in ("base", "adapter"):
+        workdir = tmp_path / occupied
+        (workdir / occupied).mkdir(parents=True)
+        old = {"model.safetensors": b"old weights", "config.json": b"{}", "adapter_model.safetensors": b"old rows",
+               "checkpoint-7/notes.txt": b"mine"}
+        for name, data in old.items():
+            (workdir / occupied / name).parent.mkdir(exist_ok=True)
+            (workdir / occupied / name).write_bytes(data)
+        capsys.readouterr()
+        assert main(["demo", "--workdir", str(workdir), "--steps", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("uti-peft demo: error: ") and err.count("\n") == 1
+        assert str(workdir / occupied) in err and "choose another location" in err
+        assert {str(p.relative_to(workdir / occupied)): p.read_bytes() for p in (workdir / occupied).rglob("*")
+                if p.is_file()} == old
+        assert sorted(os.listdir(workdir)) == [occupied]  # the other one was not written either

@@ -207,13 +207,16 @@ def parse_eval(argv):
     return build_parser().parse_args(["eval", *argv])
 
 
-def test_cli_defaults_and_validation():
+def test_cli_defaults_and_validation(capsys):
     args = parse_eval(["--base", "b", "--data", "d.jsonl"])
     assert (args.batch_size, args.max_seq_len, args.truncation_side) == (1, 2048, "left")
     assert (args.adapter, args.out, args.dtype, args.device, args.token_space) == (None, None, "float32", "cpu", None)
-    for bad in (["--batch-size", "0"], ["--truncation-side", "middle"], ["--dtype", "int8"]):
-        with pytest.raises(SystemExit):
+    for bad, message in ((["--batch-size", "0"], "argument --batch-size: must be a positive integer, got 0"),
+                         (["--truncation-side", "middle"], "argument --truncation-side: invalid choice: 'middle'"),
+                         (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'")):
+        with pytest.raises(SystemExit) as exit_info:
             parse_eval(["--base", "b", "--data", "d.jsonl", *bad])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, bad
 
 
 def test_cli_evaluates_a_saved_base_model(model, tmp_path, capsys):

@@ -265,7 +265,7 @@ def test_cli_push_refuses_what_is_not_a_rows_only_row_extension_adapter(online, 
         lora: r"peft_type is 'LORA', not 'ROW_EXTENSION'",
         whole: r"does not know: .*embed_tokens.weight.*must hold .input_embeddings.new_rows.",
         no_space: r"has no token_space.json",
-        tmp_path / "nowhere": r"is not a directory",
+        tmp_path / "nowhere": r"nowhere': no such file or directory",
     }
     for folder, message in cases.items():
         assert cli.main(["push", str(folder), "org/cli-refused"]) == 2

@@ -409,8 +409,8 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, capsys):
     assert (other / "keep.txt").read_text() == "mine"
     with pytest.raises(LegacyCheckpointError, match="would replace the input"):
         uti_peft.convert_legacy(tmp_path / "ckpt", tmp_path, overwrite=True)
-    with pytest.raises(LegacyCheckpointError, match="already exists"):
-        uti_peft.export_legacy(out, tmp_path / "ckpt")
+    with pytest.raises(LegacyCheckpointError, match="holds no .uti-peft-export.json: .* even with --overwrite"):
+        uti_peft.export_legacy(out, tmp_path / "ckpt")  # an original checkpoint: no "pass --overwrite" hint
     assert os.path.isfile(tmp_path / "ckpt" / "trainable_rows.pt")
 
 
@@ -468,6 +468,37 @@ def test_inspect_describes_checkpoints_and_adapters_without_a_model(tmp_path, ca
     (tmp_path / "ckpt" / "trainable_rows.json").write_text(json.dumps({"row_start": 1000, "row_end": 1500}))
     info = inspect_checkpoint(tmp_path / "ckpt" / "trainable_rows.pt")
     assert any("row_end: 1500 in trainable_rows.json vs 1576" in p for p in info["problems"])
+
+
+def test_convert_records_a_local_base_that_still_resolves(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_legacy_checkpoint(tmp_path / "ckpt", SPACE)
+    (tmp_path / "bases" / "tiny").mkdir(parents=True)  # a local base, typed relative to the current directory
+    assert main(["convert-legacy", "ckpt", "-o", "adapter", "--base-model", "bases/tiny"]) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "bases" / "tiny")
+
+
+def test_inspect_of_a_truncated_or_foreign_file_is_an_error(tmp_path, capsys):
+    write_legacy_checkpoint(tmp_path / "ckpt", SPACE)
+    uti_peft.convert_legacy(tmp_path / "ckpt", tmp_path / "adapter")
+    weights = tmp_path / "adapter" / WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:1000])  # `head -c 1000`
+    for argv in (["inspect", str(tmp_path / "adapter")], ["inspect", str(tmp_path / "adapter"), "--json"]):
+        assert main(argv) == 2  # a script must not take a corrupt adapter for a good one
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err.startswith("uti-peft inspect: error: ") and captured.err.count("\n") == 1
+        assert f"{weights}: cannot be read" in captured.err and "1000 bytes" in captured.err
+    weights.unlink()
+    assert main(["inspect", str(tmp_path / "adapter")]) == 2
+    assert f"{weights}: cannot be read (No such file or directory)" in capsys.readouterr().err
+
+    text = tmp_path / "notes.txt"
+    text.write_text("hello world, not a checkpoint")
+    assert main(["inspect", str(text)]) == 2
+    err = capsys.readouterr().err
+    assert f"{text}: not a torch checkpoint" in err and "b'hello wo'" in err and "(101)" not in err
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import sys
 import warnings
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from huggingface_hub import ModelCard
 from peft import PeftModel, get_peft_model
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, pipeline
 
 import uti_peft
 import uti_peft.files
@@ -51,6 +52,19 @@ def save_adapter(path: Path, space, *, lora: bool = False, **kwargs) -> Path:
     train_steps(model, space)
     model.save_pretrained(path)
     return path
+
+
+def stored_dtypes(directory) -> dict[str, str]:
+    """Each tensor's dtype as written in the safetensors headers (read by hand: transformers would load the tensors
+    in the dtype config.json names, whatever the file holds)."""
+    found = {}
+    for shard in Path(directory).glob("*.safetensors"):
+        with open(shard, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        found.update({name: entry["dtype"] for name, entry in header.items() if name != "__metadata__"})
+    assert found, f"no tensors in {directory}"
+    return found
 
 
 def logits(model, ids) -> torch.Tensor:
@@ -102,6 +116,7 @@ def test_merged_checkpoint_equals_peft(tmp_path, token_space, case):
         assert expected_state.keys() == state.keys()
         assert all(torch.equal(state[k], v) for k, v in expected_state.items())
     assert merged.dtype == (out_dtype or dtype)
+    assert set(stored_dtypes(out).values()) == {{BF16: "BF16", FP32: "F32"}[out_dtype or dtype]}  # on disk
     config = json.loads((Path(out) / "config.json").read_text())
     assert (config["vocab_size"], config["pad_token_id"]) == (FULL, token_space.pad_token_id)
     assert config["tie_word_embeddings"] is tied
@@ -152,6 +167,8 @@ def test_output_files_tokenizer_card_and_marker(tmp_path, token_space, make_adap
     def no_loading(*args, **kwargs):
         raise AssertionError("merge must not instantiate the model")
 
+    # every model class loads through PreTrainedModel.from_pretrained (the auto classes and Qwen3ForCausalLM alike)
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(no_loading))
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
     out = Path(merge_adapter(base, adapter, tmp_path / "out", progress=False))
     monkeypatch.undo()
@@ -246,7 +263,8 @@ def test_output_directory_rules(tmp_path, inputs):
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    refused(tmp_path, base, adapter, out, "already exists; pass --overwrite")
+    # not an earlier merge output: the refusal says so at once, not "pass --overwrite" (which would be refused too)
+    refused(tmp_path, base, adapter, out, f"holds no {MARKER_NAME}", "even with --overwrite")
     refused(tmp_path, base, adapter, out, f"holds no {MARKER_NAME}", overwrite=True)
     refused(tmp_path, base, adapter, base, "would replace the input", overwrite=True)
     refused(tmp_path, base, adapter, adapter, "would replace the input", overwrite=True)
@@ -255,6 +273,7 @@ def test_output_directory_rules(tmp_path, inputs):
     (out / "mine.txt").unlink()
     merge_adapter(base, adapter, out, overwrite=True, progress=False)  # empty: allowed
     (out / "stale.txt").write_text("old")
+    refused(tmp_path, base, adapter, out, "already exists; pass --overwrite")  # an earlier output: the hint works
     merge_adapter(base, adapter, out, overwrite=True, progress=False)  # an earlier merge output: replaced
     assert not (out / "stale.txt").exists() and (out / MARKER_NAME).exists()
 
@@ -295,9 +314,17 @@ def test_cli(tmp_path, inputs, capsys):
     out = tmp_path / "out"
     assert main(["merge", str(base), str(adapter), "-o", str(out), "--dtype", "bfloat16", "--no-progress"]) == 0
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert set(stored_dtypes(out).values()) == {"BF16"}  # the tensors themselves, not only the config (base: F32)
+    assert set(stored_dtypes(base).values()) == {"F32"}
     capsys.readouterr()
     assert main(["merge", str(base), str(adapter), "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("uti-peft merge: error: output directory") and err.count("\n") == 1
     assert main(["merge", str(base), str(adapter), "-o", str(tmp_path / "o2"), "--max-shard-size", "lots"]) == 2
     assert "max_shard_size is 'lots'" in capsys.readouterr().err
+    # a base without a tokenizer: its warning is not printed before (or beside) the real error
+    bare = save_base(tmp_path / "bare", tokenizer_size=None)
+    capsys.readouterr()
+    assert main(["merge", str(bare), str(adapter), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("uti-peft merge: error: output directory") and err.count("\n") == 1

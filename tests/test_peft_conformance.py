@@ -180,7 +180,7 @@ def test_delete_adapter_gives_the_base_back(make_adapter, token_space):
     restored_state = get_base_model_state_dict(model)
     assert restored_state.keys() == original.keys()
     assert all(torch.equal(restored_state[k], v) for k, v in original.items())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Adapter unknown does not exist"):
         model.delete_adapter("unknown")
 
 
@@ -205,9 +205,20 @@ def test_gradient_checkpointing_gives_the_same_row_gradients(token_space):
         model = get_peft_model(build_tiny_qwen3(), uti_peft.RowExtensionConfig(token_space=token_space))
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        layers = model.get_base_model().model.layers
+        assert all(layer.gradient_checkpointing is checkpointing for layer in layers)
+        calls = []
+        # a checkpointed layer runs its forward again in the backward pass; module hooks are not run for that
+        # recomputation, so the MLP's forward itself is counted
+        for layer in layers:
+            layer.mlp.forward = lambda *a, _forward=layer.mlp.forward, **k: calls.append(1) or _forward(*a, **k)
         model.train()
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss = model(input_ids=ids, labels=ids).loss
+        assert len(calls) == len(layers)
+        loss.backward()
+        assert len(calls) == len(layers) * (2 if checkpointing else 1)
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        assert all(g is not None and g.abs().sum() > 0 for g in grads[-1].values())  # compared below: never None
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)

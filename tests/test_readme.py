@@ -3,6 +3,7 @@ walkthrough twice, warning-free, in a directory git ignores."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -10,7 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
 REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = "adapter_model.safetensors"
 README = (REPO / "README.md").read_text()
 
 
@@ -56,3 +64,29 @@ def test_offline_walkthrough_runs_as_written_twice_without_warnings(tmp_path):
     assert (tmp_path / "try" / "report.json").is_file()
     assert (tmp_path / "try" / "merged" / "config.json").is_file()
     assert (tmp_path / "try" / "converted" / "adapter_model.safetensors").is_file()
+    try_dir = tmp_path / "try"
+    base = AutoModelForCausalLM.from_pretrained(try_dir / "base")
+    trained = PeftModel.from_pretrained(base, try_dir / "run").eval()
+
+    # the report's numbers, recomputed here: each example's mean loss over its scored labels, averaged per task
+    report = json.loads((try_dir / "report.json").read_text())
+    losses: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for line in (tmp_path / "examples" / "tiny_eval.jsonl").read_text().splitlines():
+            example = json.loads(line)
+            ids, labels = torch.tensor([example["input_ids"]]), torch.tensor([example["labels"]])
+            loss = trained(input_ids=ids, labels=labels).loss.item()
+            losses.setdefault(example["task"], []).append(loss)
+            losses.setdefault("all", []).append(loss)
+    assert report["counts"] == {task: len(values) for task, values in losses.items()}
+    assert report["loss_mean"] == pytest.approx({t: sum(v) / len(v) for t, v in losses.items()}, rel=1e-5)
+
+    # the merged checkpoint gives PeftModel's logits; the converted adapter holds the trained rows
+    vocab_size = trained.peft_config["default"].vocab_size
+    ids = torch.randint(0, vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    merged = AutoModelForCausalLM.from_pretrained(try_dir / "merged").eval()
+    with torch.no_grad():
+        assert torch.equal(merged(input_ids=ids).logits, trained(input_ids=ids).logits)
+    rows, converted = load_file(try_dir / "run" / WEIGHTS), load_file(try_dir / "converted" / WEIGHTS)
+    assert rows and sorted(converted) == sorted(rows)
+    assert all(converted[k].dtype == rows[k].dtype and torch.equal(converted[k], rows[k]) for k in rows)

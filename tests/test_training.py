@@ -418,7 +418,7 @@ def test_non_empty_output_dirs_are_refused_before_loading_anything(data_file, tm
         assert cli_train(data_file, out) == 0
     else:
         out.mkdir()
-        name = {"foreign": "notes.txt", "legacy": "trainable_rows.pt", "adapter": "adapter_config.json"}[kind]
+        name = {"foreign": "README.md", "legacy": "trainable_rows.pt", "adapter": "adapter_config.json"}[kind]
         (out / name).write_text("precious")
     before = snapshot(out)
     capsys.readouterr()
@@ -426,19 +426,22 @@ def test_non_empty_output_dirs_are_refused_before_loading_anything(data_file, tm
     assert cli_train(data_file, out, base=tmp_path / "no-such-base") == 2
     error = capsys.readouterr().err
     assert error.startswith("uti-peft train: error: ") and error.count("\n") == 1 and str(out) in error
-    expected = {"foreign": "notes.txt", "legacy": "legacy checkpoint", "adapter": "adapter directory",
+    expected = {"foreign": "README.md", "legacy": "legacy checkpoint", "adapter": "adapter directory",
                 "own": "an earlier uti-peft train run"}[kind]
     assert expected in error
     assert snapshot(out) == before  # nothing changed
 
-    # --overwrite-output-dir: never a legacy checkpoint or an adapter it did not create
+    # the refusal's own advice works: it names --overwrite-output-dir only for a run of ours
+    assert ("--overwrite-output-dir to replace it" in error) is (kind == "own")
+
+    # --overwrite-output-dir replaces only an earlier run: never a user's files, a legacy checkpoint or an adapter
     code = cli_train(data_file, out, "--overwrite-output-dir", base=tmp_path / "no-such-base")
-    if kind in ("legacy", "adapter"):
-        assert code == 2 and "even with --overwrite-output-dir" in capsys.readouterr().err
-        assert snapshot(out) == before
+    error = capsys.readouterr().err
+    if kind != "own":
+        assert code == 2 and str(out) in error and "choose another directory" in error
     else:  # allowed: the check passes and the (missing) base is what fails next, leaving the directory as it was
-        assert code == 2 and "no-such-base" in capsys.readouterr().err
-        assert snapshot(out) == before
+        assert code == 2 and "no-such-base" in error
+    assert snapshot(out) == before
 
 
 def test_overwrite_and_resume_of_our_own_runs(data_file, tmp_path, capsys):
@@ -458,9 +461,17 @@ def test_overwrite_and_resume_of_our_own_runs(data_file, tmp_path, capsys):
     capsys.readouterr()
     assert cli_train(data_file, out, "--resume-from-checkpoint", "latest") == 2
     assert "no checkpoint-<step> directory in" in capsys.readouterr().err
-    assert cli_train(data_file, out, "--save-steps", "1", "--max-steps", "1", "--overwrite-output-dir") == 0
-    assert cli_train(data_file, out, "--resume-from-checkpoint", "latest", "--max-steps", "2") == 0
+    # a run of 2 steps, checkpointed at each; resumed from its first checkpoint (the second removed), starting from
+    # other rows (--init-rows mean), it must end bit for bit where it ended: only the checkpoint's rows, optimizer
+    # and data position can make it so (a run that ignored the resume would also reach step 2)
+    assert cli_train(data_file, out, "--save-steps", "1", "--max-steps", "2", "--overwrite-output-dir") == 0
+    expected = load_file(out / WEIGHTS_NAME)
+    shutil.rmtree(out / "checkpoint-2")
+    assert cli_train(data_file, out, "--resume-from-checkpoint", "latest", "--max-steps", "2", "--init-rows",
+                     "mean") == 0
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    resumed = load_file(out / WEIGHTS_NAME)
+    assert sorted(resumed) == sorted(expected) and all(torch.equal(resumed[k], expected[k]) for k in expected)
 
     # only our own runs are resumed: not "latest" in a foreign directory, not a checkpoint we did not write
     foreign = tmp_path / "foreign"  # a checkpoint copied out of our run, into a directory without our marker
@@ -507,7 +518,9 @@ def test_unsupported_launch_setups_are_refused_at_start(data_file, tmp_path, cap
     monkeypatch.setenv(variable, value)
     if variable == "FSDP_VERSION":
         monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    assert cli_train(data_file, tmp_path / "out", base=tmp_path / "no-such-base") == 2
+    # every path is fine (the paths are checked first, before torch is imported): the launch set-up is what fails,
+    # before the model is built or the output directory made
+    assert cli_train(data_file, tmp_path / "out") == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 

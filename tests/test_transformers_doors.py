@@ -239,3 +239,39 @@ def test_an_adapter_without_a_base_fails_at_once_saying_to_pass_the_base(tmp_pat
             load.from_pretrained(tmp_path / "adapter")
         assert time.monotonic() - start < 5
     assert "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE)" in str(raised.value)
+
+
+@pytest.mark.parametrize("door", ["AutoModelForCausalLM", "AutoPeftModelForCausalLM"])
+def test_a_moved_adapter_finds_its_local_base_or_fails_at_once(tmp_path, token_space, monkeypatch, door):
+    """A base loaded by a relative path ("work/base", as typed to `train --base`) is recorded so that it still
+    resolves from any directory; a recorded local base that is gone fails at once, saying to pass the base."""
+    monkeypatch.chdir(tmp_path)
+    build_tiny_qwen3(vocab_rows=BASE_ROWS).save_pretrained("work/base")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained("work/base"),
+                           uti_peft.RowExtensionConfig(token_space=token_space))
+    train_steps(model, token_space)
+    model.save_pretrained("work/adapter")
+    recorded = json.loads((tmp_path / "work" / "adapter" / "adapter_config.json").read_text())
+    assert recorded["base_model_name_or_path"] == str(tmp_path / "work" / "base")
+
+    load = {"AutoModelForCausalLM": AutoModelForCausalLM, "AutoPeftModelForCausalLM": AutoPeftModelForCausalLM}[door]
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the user moved on (or moved the adapter)
+    ids = probe_ids(token_space)
+    reference = PeftModel.from_pretrained(build_tiny_qwen3(vocab_rows=BASE_ROWS), tmp_path / "work" / "adapter")
+    assert torch.equal(logits(load.from_pretrained(tmp_path / "work" / "adapter"), ids), logits(reference, ids))
+
+    os.rename(tmp_path / "work" / "base", tmp_path / "moved-base")
+    with socket.socket() as silent:  # a "Hub" that never answers: a request would hang, not fail fast
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        start = time.monotonic()
+        with pytest.raises(uti_peft.errors.BaseModelNotFoundError) as raised:
+            load.from_pretrained(tmp_path / "work" / "adapter")
+        assert time.monotonic() - start < 5
+    message = str(raised.value)
+    assert str(tmp_path / "work" / "base") in message and "does not exist here" in message
+    assert "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE)" in message

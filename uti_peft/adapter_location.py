@@ -19,8 +19,21 @@ from huggingface_hub.errors import (
 )
 
 from .constants import CONFIG_NAME
-from .errors import AdapterNotFoundError
-from .paths import looks_like_path
+from .errors import AdapterNotFoundError, BaseModelNotFoundError
+from .paths import looks_like_path, missing_local_base
+
+
+def check_recorded_base(adapter: Any, base: Optional[str]) -> None:
+    """Raise `BaseModelNotFoundError` when an adapter loaded by itself (the auto classes) records a base written as
+    a local path that does not exist here, naming both and what to do, instead of sending the path to the Hub."""
+    if missing_local_base(base):
+        where = os.fspath(adapter)
+        raise BaseModelNotFoundError(
+            f"{where!r}: {CONFIG_NAME} records the base {base!r} (base_model_name_or_path), a local path that does "
+            "not exist here (the adapter or the base was moved, or saved on another machine). Load the base and pass "
+            f"it: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), {where!r}), or set "
+            f"base_model_name_or_path in {CONFIG_NAME} to the base's directory or Hub id"
+        )
 
 
 def locate_adapter(

@@ -17,12 +17,15 @@ import torch
 from peft import PeftModel, get_peft_model
 
 from .constants import TOKEN_SPACE_NAME
+from .output import atomic_output
+from .output_dir import demo_workdir_targets
 from .row_extension.config import RowExtensionConfig
 from .tiny import build_tiny_qwen3, build_tiny_tokenizer, tiny_token_space
 from .tokenizer import add_modality_tokens
 
 BASE_ROWS = 1024  # > text_vocab_size, like Qwen3's padded embedding
 PROMPT = "Describe this picture in one sentence."
+_NO_MARKER = ".uti-peft-demo-never-written"  # atomic_output replaces only an empty directory: demo has no marker
 
 
 def run_demo(workdir: Optional[str] = None, *, steps: int = 3, seed: int = 0) -> dict[str, object]:
@@ -33,16 +36,18 @@ def run_demo(workdir: Optional[str] = None, *, steps: int = 3, seed: int = 0) ->
     ``merge``) and ``AutoModelForCausalLM.from_pretrained(workdir/adapter)`` can use them offline. Without it
     everything goes to a temporary directory that is removed before returning (``adapter_dir`` is then None).
     ``steps`` may be 0: the rows keep their initial values and everything else is checked the same way.
+    ``workdir/base`` and ``workdir/adapter`` must be new or empty (`FileExistsError` otherwise, before anything is
+    built); each is written under a temporary name and renamed when complete.
     """
     if steps < 0:
         raise ValueError(f"steps must be 0 or more, got {steps}")
     with contextlib.ExitStack() as stack:
         if workdir is None:
             root = stack.enter_context(tempfile.TemporaryDirectory(prefix="uti-peft-demo-"))
+            report = _life_cycle(os.path.join(root, "adapter"), steps, seed, None)
         else:
-            root = workdir
-        base_dir = None if workdir is None else os.path.abspath(os.path.join(root, "base"))
-        report = _life_cycle(os.path.join(root, "adapter"), steps, seed, base_dir)
+            base_dir, adapter_dir = demo_workdir_targets(workdir)
+            report = _life_cycle(adapter_dir, steps, seed, base_dir)
         if workdir is None:
             report["adapter_dir"] = None
     return report
@@ -53,9 +58,10 @@ def _life_cycle(adapter_dir: str, steps: int, seed: int, base_dir: Optional[str]
     base = build_tiny_qwen3(vocab_rows=BASE_ROWS, seed=seed)
     tokenizer = build_tiny_tokenizer(space.text_vocab_size)
     if base_dir is not None:
-        base.save_pretrained(base_dir)
-        tokenizer.save_pretrained(base_dir)
-        space.save(os.path.join(base_dir, TOKEN_SPACE_NAME))
+        with atomic_output(base_dir, overwrite=True, marker=_NO_MARKER) as tmp:
+            base.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            space.save(os.path.join(tmp, TOKEN_SPACE_NAME))
     model = get_peft_model(base, RowExtensionConfig(token_space=space))
     model.peft_config["default"].base_model_name_or_path = base_dir
     trainable, total = model.get_nb_trainable_parameters()
@@ -70,9 +76,10 @@ def _life_cycle(adapter_dir: str, steps: int, seed: int, base_dir: Optional[str]
     model.eval()
     with torch.no_grad():
         trained = model(input_ids=batch, labels=batch)
-    model.save_pretrained(adapter_dir)
     add_modality_tokens(tokenizer, space)
-    tokenizer.save_pretrained(adapter_dir)
+    with atomic_output(adapter_dir, overwrite=True, marker=_NO_MARKER) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
     loaded = PeftModel.from_pretrained(build_tiny_qwen3(vocab_rows=BASE_ROWS, seed=seed), adapter_dir)
     with torch.no_grad():

@@ -49,3 +49,8 @@ class UnsupportedVersionError(RowExtensionError):
         super().__init__(message)
         self.versions = versions
         self.tested = tested
+
+
+class BaseModelNotFoundError(RowExtensionError):
+    """The base an adapter records (``base_model_name_or_path``) is a local path that does not exist here; the
+    adapter can still be loaded onto that base given explicitly."""

@@ -45,8 +45,8 @@ from .errors import MergeError, RowExtensionError
 from .files import SAFETENSORS_CODES, SAFETENSORS_DTYPES, dtype_from_name, file_sha256, read_safetensors_header
 from .adapter_location import explain_hub_error
 from .adapter_folder import AdapterFolder, check_adapter_folder
-from .output import atomic_output, copy_range, write_all
-from .paths import looks_like_path
+from .output import atomic_output, check_target, copy_range, write_all
+from .paths import looks_like_path, portable_base
 from .row_extension.layer import mean_rows
 from .row_extension.lora import SavedLora, merge_lora_weight, read_saved_lora
 from .tokenizer import TOKENIZER_FILES, has_tokenizer_files, load_extended_tokenizer
@@ -221,7 +221,7 @@ def plan_merge(
         where = os.path.join(folder.path, folder.config.lora_adapter)
         lora = read_saved_lora(where, folder.config.lora_adapter, model, shapes)
     plan = MergePlan(
-        os.fspath(base), os.fspath(adapter), base_dir, folder, config, generation_config,
+        portable_base(os.fspath(base)), portable_base(os.fspath(adapter)), base_dir, folder, config, generation_config,
         _extended_tokenizer(base_dir, tokenizer, space), stored, outputs, embed, head, tied, rows, lora,
         max_shard_size if max_shard_size is not None else default_max_shard_size(),
     )
@@ -403,9 +403,14 @@ def merge_adapter(
 
     Returns the absolute path of ``out``. Raises `MergeError` (nothing written) on bad input.
     """
-    plan = plan_merge(base, adapter, dtype=dtype, tokenizer=tokenizer, max_shard_size=max_shard_size)
     target = os.path.abspath(os.fspath(out))
-    protected = (plan.base_dir, plan.adapter.path)
+    # warnings (a base without a tokenizer) are shown once every check has passed: an error comes alone
+    with warnings.catch_warnings(record=True) as notes:
+        plan = plan_merge(base, adapter, dtype=dtype, tokenizer=tokenizer, max_shard_size=max_shard_size)
+        protected = (plan.base_dir, plan.adapter.path)
+        check_target(target, overwrite, MARKER_NAME, protected, MergeError)
+    for note in notes:
+        warnings.showwarning(note.message, note.category, note.filename, note.lineno)
     with atomic_output(target, overwrite=overwrite, marker=MARKER_NAME, protected=protected, error=MergeError) as tmp:
         _write_checkpoint(plan, tmp, progress)
         facts = _provenance(plan)

@@ -36,16 +36,17 @@ def check_target(
             raise error(f"output directory {target} would replace the input {source}")
     if not os.path.lexists(target):
         return
-    if not overwrite:
-        raise error(f"output directory {target} already exists; pass --overwrite to replace it")
+    # what can never be replaced is said first, so that the hint "pass --overwrite" is given only where it works
     if os.path.islink(target) or not os.path.isdir(target):
-        raise error(f"output {target} exists and is not a directory; refusing to replace it")
+        raise error(f"output {target} exists and is not a directory; refusing to replace it: choose another output")
     entries = os.listdir(target)
     if entries and marker not in entries:
         raise error(
             f"output directory {target} is not empty and holds no {marker}: refusing to replace what does not look "
-            "like an earlier output; remove it yourself"
+            "like an earlier output, even with --overwrite; choose another output directory or remove it yourself"
         )
+    if not overwrite:
+        raise error(f"output directory {target} already exists; pass --overwrite to replace it")
 
 
 @contextlib.contextmanager

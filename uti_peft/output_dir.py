@@ -1,4 +1,6 @@
-"""The output directory of ``uti-peft train``: runs never clobber what they did not write.
+"""The output directory of ``uti-peft train`` (and ``demo --workdir``'s): runs never clobber what they did not write.
+
+Stdlib only, so that the command line checks these rules before importing torch.
 
 A run writes a small marker file (`MARKER_NAME`) into its ``--output-dir`` when it starts; a directory
 holding it is "an earlier run of our own". The rules, all checked before the model is loaded:
@@ -6,8 +8,9 @@ holding it is "an earlier run of our own". The rules, all checked before the mod
 - a missing or empty directory is used;
 - a legacy checkpoint (``trainable_rows.pt``) or an adapter directory without our marker
   (``adapter_config.json``) is never written into, whatever the options;
-- another non-empty directory (ours or not) is refused unless ``--overwrite-output-dir``, or, for an earlier run
-  of ours, ``--resume-from-checkpoint``;
+- any other non-empty directory that is not an earlier run of ours (a user's files) is never written into either:
+  ``--overwrite-output-dir`` replaces only an earlier run;
+- an earlier run of ours is refused unless ``--overwrite-output-dir`` or ``--resume-from-checkpoint``;
 - ``--resume-from-checkpoint latest`` needs an earlier run of ours with a ``checkpoint-<step>`` in it;
   ``--resume-from-checkpoint DIR`` needs DIR to be a checkpoint written by a run of ours (its parent holds our
   marker) and the output directory to be missing, empty or a run of ours.
@@ -117,12 +120,16 @@ def check_output_dir(
     if resume is not None:
         _check_resume(output_dir, resume, entries, own)
         return OutputPlan(output_dir)
-    if entries and not overwrite:
-        what = "an earlier uti-peft train run" if own else "not a uti-peft train run"
+    if entries and not own:  # the user's files: no option of ours writes here
         raise FileExistsError(
-            f"--output-dir {output_dir} is not empty ({what}; it holds {_listing(entries)}): pass "
-            "--resume-from-checkpoint to continue a run of ours, --overwrite-output-dir to write into it anyway, "
-            "or choose another directory"
+            f"--output-dir {output_dir} is not empty and not a uti-peft train run (it holds {_listing(entries)} and "
+            f"no {MARKER_NAME}); --overwrite-output-dir replaces only an earlier run: choose another directory"
+        )
+    if entries and not overwrite:
+        raise FileExistsError(
+            f"--output-dir {output_dir} is not empty (an earlier uti-peft train run; it holds {_listing(entries)}): "
+            "pass --resume-from-checkpoint latest to continue it, --overwrite-output-dir to replace it, or choose "
+            "another directory"
         )
     plan = OutputPlan(output_dir, clear_checkpoints=own and overwrite)
     if plan.clear_checkpoints and init_adapter:
@@ -160,3 +167,27 @@ def _check_resume(output_dir: str, resume: str, entries: list[str], own: bool) -
             f"--output-dir {output_dir} is not empty and not a uti-peft train run (it holds {_listing(entries)}); "
             "resume into the checkpoint's own run directory or a new one"
         )
+
+
+def refuse_occupied(directory: str, what: str) -> None:
+    """Raise `FileExistsError` if ``directory`` exists and is a file or a non-empty directory: commands that keep
+    no marker of their own (``demo --workdir``) write only new or empty directories, never beside old files."""
+    if not os.path.lexists(directory):
+        return
+    if not os.path.isdir(directory) or os.path.islink(directory):
+        raise FileExistsError(f"{what} {directory} exists and is not a directory; choose another location")
+    entries = os.listdir(directory)
+    if entries:
+        raise FileExistsError(
+            f"{what} {directory} is not empty (it holds {_listing(entries)}); it is never written into: choose "
+            "another location, or remove it yourself"
+        )
+
+
+def demo_workdir_targets(workdir: str) -> tuple[str, str]:
+    """``workdir/base`` and ``workdir/adapter`` (absolute), refused unless new or empty: ``uti-peft demo`` never
+    writes beside other weights or over them."""
+    base, adapter = (os.path.abspath(os.path.join(workdir, name)) for name in ("base", "adapter"))
+    for target in (base, adapter):
+        refuse_occupied(target, f"--workdir {workdir}:")
+    return base, adapter

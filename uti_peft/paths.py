@@ -8,6 +8,7 @@ instead of after the Hub's retries.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 
 def looks_like_path(name: str) -> bool:
@@ -42,3 +43,19 @@ def model_source(value: str, option: str) -> str:
         raise FileNotFoundError(
             f"{option} {value!r} is neither an existing directory nor a valid Hub repo id (org/name)"
         ) from None
+
+
+def portable_base(name: Optional[str]) -> Optional[str]:
+    """What an adapter should record as its base: a local directory as an absolute path (``"try/base"`` typed in
+    one directory would otherwise be looked up elsewhere, or on the Hub, wherever the adapter is loaded from);
+    a Hub id, a missing path or None as given."""
+    if not name:
+        return name
+    local = os.path.expanduser(os.fspath(name))
+    return os.path.abspath(local) if os.path.isdir(local) else name
+
+
+def missing_local_base(name: Optional[str]) -> bool:
+    """Whether a recorded base is written as a local path (`looks_like_path`) that does not exist here: loading it
+    can only fail, and must fail before any Hub request."""
+    return bool(name) and looks_like_path(name) and not os.path.isdir(os.path.expanduser(name))

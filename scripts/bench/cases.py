@@ -240,7 +240,7 @@ def case_inference(paths: Paths, params: Params) -> dict[str, Any]:
             prefill_s, decode_s, tokens[name] = greedy(models[name], ids, params.decode_steps)
             raw[name]["prefill_s"].append(prefill_s)
             raw[name]["decode_s"].append(decode_s)
-    return {"raw": raw, "same_tokens": tokens["ours"] == tokens["merged"], **steady_memory()}
+    return {"raw": raw, "tokens": tokens, "same_tokens": tokens["ours"] == tokens["merged"], **steady_memory()}
 
 
 def legacy_training_model(paths: Paths, params: Params, load: Callable = load_merged):

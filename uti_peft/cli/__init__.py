@@ -12,6 +12,7 @@ exits with 1. ``--debug`` (or ``UTI_PEFT_DEBUG=1``) lets the exception through, 
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 import warnings
@@ -36,10 +37,38 @@ _USER_ERROR_PACKAGES = ("httpx", "httpx2", "huggingface_hub", "requests", "urlli
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors follow the contract: one line, exit 2."""
+    """An ArgumentParser whose usage errors follow the contract: one line, exit 2; no abbreviated options
+    (``--dtyp`` is an error, not ``--dtype``: a typo must not pick an option silently)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class TopParser(Parser):
+    """The ``uti-peft`` parser: an unknown option is reported by the command it was given to (``uti-peft train:
+    error: unrecognized arguments: …``), and before "COMMAND required" (``uti-peft --verison``)."""
+
+    def parse_args(  # type: ignore[override]
+        self, args: Optional[Sequence[str]] = None, namespace: Any = None
+    ) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        command = getattr(parsed, "command", None)
+        if extras:
+            where = self._command_parsers().get(command, self)
+            known = [o for a in where._actions for o in a.option_strings]
+            guess = difflib.get_close_matches(extras[0].split("=")[0], known, n=1)
+            hint = f" (did you mean {guess[0]}?)" if guess else ""
+            where.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        if command is None:
+            self.error(f"a COMMAND is required: one of {', '.join(self._command_parsers())}")
+        return parsed
+
+    def _command_parsers(self) -> dict[str, argparse.ArgumentParser]:
+        return dict(self._subparsers._group_actions[0].choices) if self._subparsers else {}  # type: ignore[union-attr]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -63,10 +92,11 @@ def version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``uti-peft`` parser with every sub-command (no heavy import)."""
-    parser = Parser(prog=PROG, description=DESCRIPTION, formatter_class=HelpFormatter)
+    parser = TopParser(prog=PROG, description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"{PROG} {version()}")
     parser.add_argument("--debug", action="store_true", help=f"show tracebacks (also: {DEBUG_ENV}=1)")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    # not required here: TopParser.parse_args says so itself, after reporting an unknown option
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for command in COMMANDS:
         sub = subparsers.add_parser(
             command.name, help=command.help, description=command.description or command.help,

@@ -28,6 +28,20 @@ def existing_file(value: Optional[str], option: str) -> Optional[str]:
     return value
 
 
+def existing_path(value: Optional[str], option: str, expected: str) -> Optional[str]:
+    """``value`` if it is None or exists (file or directory); checked before any heavy import."""
+    if value is not None and not os.path.exists(value):
+        raise FileNotFoundError(f"{option} {value!r}: no such file or directory; expected {expected}")
+    return value
+
+
+def existing_dir(value: Optional[str], option: str, expected: str) -> Optional[str]:
+    """``value`` if it is None or a directory."""
+    if value is not None and not os.path.isdir(existing_path(value, option, expected)):
+        raise NotADirectoryError(f"{option} {value!r} is a file; expected {expected}")
+    return value
+
+
 def writable_file(value: Optional[str], option: str) -> Optional[str]:
     """``value`` if it is None or a file that can be written: its folder exists and is writable."""
     if value is None:
@@ -143,9 +157,13 @@ class EvalPlan:
 
 
 def prepare_eval(args: argparse.Namespace) -> EvalPlan:
-    """Everything ``uti-peft eval`` needs, checked, before the model is loaded."""
+    """Everything ``uti-peft eval`` needs, checked, before the model is loaded (paths before any heavy import)."""
     writable_file(args.out, "--out")
     base = model_source(args.base, "--base")
+    existing_file(args.data, "--data")
+    existing_file(args.token_space, "--token-space")
+    if args.adapter:
+        model_source(args.adapter, "--adapter")
     check_device(args.device)
     bound_hub_requests()
     space = token_space_for(args.token_space, args.adapter, base)
@@ -172,17 +190,23 @@ def check_extract(args: argparse.Namespace) -> None:
 
 def check_train(args: argparse.Namespace) -> None:
     """Sources, output and resume paths, the token space and every data id of ``uti-peft train``."""
-    from ..distributed import check_launch_environment
     from ..output_dir import check_output_dir
 
-    # the launch set-up and the output directory's rules (nothing is written), as training applies them again
-    check_launch_environment()
+    # the output directory's rules (nothing is written), as training applies them again, and every path: all
+    # before torch is imported, so that a typo fails at once
     check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, args.init_adapter)
     writable_dir(args.output_dir, "--output-dir")
     if args.base:
         model_source(args.base, "--base")
+    if args.init_adapter:
+        model_source(args.init_adapter, "--init-adapter")
+    existing_file(args.data, "--data")
+    existing_file(args.token_space, "--token-space")
     if args.rank_state_dir:
         writable_dir(args.rank_state_dir, "--rank-state-dir")
+    from ..distributed import check_launch_environment
+
+    check_launch_environment()
     bound_hub_requests()
     space = token_space_for(args.token_space, args.init_adapter, args.base, tiny=bool(args.tiny),
                             adapter_option="--init-adapter")

@@ -37,9 +37,16 @@ class Command:
 
 
 # ---------------------------------------------------------------------------------------- argparse types
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
-    value = int(text)
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
@@ -47,7 +54,7 @@ def positive_int(text: str) -> int:
 
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
-    value = int(text)
+    value = _integer(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
@@ -79,12 +86,19 @@ def define_demo(parser: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    if args.workdir is not None:
+        from ..output_dir import demo_workdir_targets
+
+        demo_workdir_targets(args.workdir)  # before torch is imported
     from ..demo import run_demo as demo
 
     report = demo(args.workdir, steps=args.steps)
     print("uti-peft demo: tiny Qwen3 + a token space shaped like the real one (no download)")
     for key, value in report.items():
         print(f"  {key:26s} {value}")
+    if args.steps == 0:
+        print("note: --steps 0: nothing was trained; the new rows keep their initial values (mean of the text rows "
+              "plus noise), and saving, loading and merging were checked with them")
     ok = report["loaded_equals_trained"] and report["merged_equals_loaded"]
     print("OK: save -> PeftModel.from_pretrained -> merge reproduces the logits exactly" if ok else "FAILED")
     return 0 if ok else 1
@@ -107,6 +121,12 @@ def define_convert(parser: argparse.ArgumentParser) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    from .checks import existing_dir, existing_file, existing_path
+
+    existing_path(args.checkpoint_dir, "CHECKPOINT_DIR", f"a legacy checkpoint directory or its {LEGACY_PT_NAME}")
+    existing_file(args.token_space, "--token-space")
+    existing_file(args.eval_report, "--eval-report")
+    existing_dir(args.lora, "--lora", "a PEFT LoRA directory")
     from ..legacy import convert_legacy, inspect_checkpoint
 
     out = convert_legacy(
@@ -132,6 +152,9 @@ def define_export(parser: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from .checks import existing_dir
+
+    existing_dir(args.adapter_dir, "ADAPTER_DIR", "a row-extension adapter directory")
     from ..legacy import export_legacy
 
     out = export_legacy(args.adapter_dir, args.output, overwrite=args.overwrite)
@@ -146,6 +169,10 @@ def define_inspect(parser: argparse.ArgumentParser) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    from .checks import existing_file, existing_path
+
+    existing_path(args.path, "PATH", "a legacy checkpoint (directory or .pt) or an adapter directory")
+    existing_file(args.token_space, "--token-space")
     from ..legacy import inspect_checkpoint
 
     info = inspect_checkpoint(args.path, token_space=args.token_space)
@@ -178,6 +205,9 @@ def run_push(args: argparse.Namespace) -> int:
     from ..paths import hub_repo_id
 
     hub_repo_id(args.repo_id, "REPO_ID")
+    from .checks import existing_dir
+
+    existing_dir(args.adapter_dir, "ADAPTER_DIR", "a directory written by save_pretrained")
     from ..adapter_folder import check_adapter_folder
     from ..hub import push_adapter, use_request_timeout
 
@@ -204,11 +234,15 @@ def define_merge(parser: argparse.ArgumentParser) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    from ..paths import model_source
     from .checks import bound_hub_requests
 
+    model_source(args.base, "BASE")  # a local-looking path that does not exist fails before torch is imported
+    model_source(args.adapter, "ADAPTER")
+    if args.tokenizer:
+        model_source(args.tokenizer, "--tokenizer")
     bound_hub_requests()
     from ..merge import merge_adapter  # checks BASE and ADAPTER (local paths never go to the Hub) before reading
-
 
     out = merge_adapter(args.base, args.adapter, args.output, dtype=args.dtype, tokenizer=args.tokenizer,
                         max_shard_size=args.max_shard_size, overwrite=args.overwrite,
@@ -343,7 +377,7 @@ def define_train(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--resume-from-checkpoint",
                      help="a checkpoint-<step> directory of a uti-peft train run, or 'latest' in --output-dir")
     run.add_argument("--overwrite-output-dir", action="store_true",
-                     help="write into a non-empty --output-dir (never a legacy checkpoint or an adapter we did not create)")
+                     help="replace an earlier uti-peft train run in --output-dir (never a directory it did not create)")
     run.add_argument("--cpu", action="store_true", help="train on the CPU even if an accelerator is present")
     run.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
     run.add_argument("--report-to", default="none", help="Trainer integrations (tensorboard, wandb, ...)")

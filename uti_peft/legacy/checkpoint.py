@@ -21,6 +21,7 @@ from ..token_space import TokenSpace, is_plain_int
 
 PT_FIELDS = ("row_start", "row_end", "base_llm", "embeddings", "lm_head", "dtype")
 _ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = b"\x80"  # the PROTO opcode every pickle of protocol 2 and later (all torch.save ones) starts with
 
 @dataclass
 class LegacyCheckpoint:
@@ -60,7 +61,13 @@ def _resolve_checkpoint(checkpoint: PathLike) -> tuple[str, str]:
 def _load_weights_only(pt_path: str) -> Any:
     """``torch.load`` that never runs pickled code; memory-mapped when the file is a zip checkpoint."""
     with open(pt_path, "rb") as f:
-        is_zip = f.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
+        head = f.read(16)
+    is_zip = head.startswith(_ZIP_MAGIC)
+    if not is_zip and not head.startswith(_PICKLE_PROTO):
+        raise LegacyCheckpointError(
+            f"{pt_path}: not a torch checkpoint: torch.save writes a zip archive (or, before torch 1.6, a pickle), "
+            f"and this file is neither (it starts with {head[:8]!r})"
+        )
     try:
         return torch.load(pt_path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as exc:

@@ -25,8 +25,9 @@ def inspect_checkpoint(
 ) -> dict[str, Any]:
     """What a legacy checkpoint or an adapter holds, read from headers and metadata (no model is loaded).
 
-    Unsafe or unreadable files raise; inconsistencies (ranges vs token space, json vs pt) are listed
-    under ``problems``.
+    Unsafe, missing or unreadable weight files raise (a truncated ``adapter_model.safetensors`` is an error, not a
+    remark: a script must not take it for a good adapter); inconsistencies (ranges vs token space, json vs pt) are
+    listed under ``problems``.
     """
     path = os.path.normpath(os.fspath(path))
     if os.path.isfile(path) and os.path.basename(path) in (ADAPTER_CONFIG_NAME, WEIGHTS_NAME, CARD_NAME):
@@ -98,6 +99,13 @@ def _inspect_adapter(adapter_dir: str) -> dict[str, Any]:
     raw = _read_json(config_path, ADAPTER_CONFIG_NAME)
     if raw.get("peft_type") != "ROW_EXTENSION":
         raise LegacyCheckpointError(f"{config_path}: peft_type is {raw.get('peft_type')!r}, expected 'ROW_EXTENSION'")
+    weights_path = os.path.join(adapter_dir, WEIGHTS_NAME)
+    try:  # the rows themselves: unreadable is an error (once), not one more problem on the list
+        header = read_safetensors_header(weights_path)
+    except (OSError, ValueError) as exc:
+        own_words = isinstance(exc, OSError) and exc.strerror
+        reason = exc.strerror if own_words else str(exc).removeprefix(f"{weights_path}: ")
+        raise LegacyCheckpointError(f"{weights_path}: cannot be read ({reason})") from None
     problems: list[str] = []
     space = None
     try:
@@ -114,21 +122,16 @@ def _inspect_adapter(adapter_dir: str) -> dict[str, Any]:
         problems.append(str(exc))
     tensors: dict[str, str] = {}
     hidden = dtype = None
-    weights_path = os.path.join(adapter_dir, WEIGHTS_NAME)
-    try:
-        header = read_safetensors_header(weights_path)
-        for key, entry in sorted(header.items()):
-            if key != "__metadata__":
-                shape, dtype = entry["shape"], _dtype_name(SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"]))
-                tensors[key] = f"{shape} {dtype}"
-                hidden = shape[-1] if len(shape) == 2 else hidden
-    except (OSError, ValueError) as exc:
-        problems.append(f"{weights_path}: cannot be read ({exc})")
+    for key, entry in sorted(header.items()):
+        if key != "__metadata__":
+            shape, dtype = entry["shape"], _dtype_name(SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"]))
+            tensors[key] = f"{shape} {dtype}"
+            hidden = shape[-1] if len(shape) == 2 else hidden
     text, total = raw.get("text_vocab_size"), raw.get("vocab_size")
     return {
         "format": "PEFT adapter (ROW_EXTENSION)",
         "path": adapter_dir,
-        "file_bytes": os.path.getsize(weights_path) if os.path.isfile(weights_path) else None,
+        "file_bytes": os.path.getsize(weights_path),
         "base_model": raw.get("base_model_name_or_path"),
         "row_range": f"[{text}, {total})",
         "new_rows": total - text if is_plain_int(text) and is_plain_int(total) else None,

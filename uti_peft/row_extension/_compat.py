@@ -43,6 +43,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 
 from ..constants import AUTOLOAD_ORIGINAL_ATTRIBUTE, PEFT_KEY_PREFIX, PEFT_TYPE_NAME, WEIGHTS_NAME
+from ..adapter_location import check_recorded_base
 from ..errors import RowExtensionError
 from .config import RowExtensionConfig, find_row_extension_adapter
 from .layer import RowExtensionLayer
@@ -399,8 +400,10 @@ def _base_required(original):
         if _is_row_extension_file(found) and not os.path.isfile(os.path.join(os.fspath(model_id), "config.json")):
             # a row-extension adapter on its own (not embedded in a model's folder) must name its base
             with open(found, encoding="utf-8") as f:
-                if not json.load(f).get("base_model_name_or_path"):
-                    raise _no_base_error(model_id)
+                base = json.load(f).get("base_model_name_or_path")
+            if not base:
+                raise _no_base_error(model_id)
+            check_recorded_base(model_id, base)  # a moved local base: fail now, not after the Hub's retries
         return found
 
     setattr(find_adapter_config_file, _MARK, original)
@@ -410,16 +413,21 @@ def _base_required(original):
 def _auto_peft_from_pretrained(original):
     @functools.wraps(original)
     def from_pretrained(cls, *args, **kwargs):
-        if args and _row_extension_without_base(args[0], kwargs):
-            raise _no_base_error(args[0])
+        if args:
+            ours, base = _row_extension_base(args[0], kwargs)
+            if ours and not base:
+                raise _no_base_error(args[0])
+            if ours:
+                check_recorded_base(args[0], base)  # a moved local base: fail now, not after the Hub's retries
         return original(cls, *args, **kwargs)
 
     setattr(from_pretrained, _MARK, original)
     return from_pretrained
 
 
-def _row_extension_without_base(model_id: Any, kwargs: dict) -> bool:
-    """Whether ``model_id`` holds a row-extension adapter that records no base (never raises: PEFT then decides)."""
+def _row_extension_base(model_id: Any, kwargs: dict) -> tuple[bool, Optional[str]]:
+    """Whether ``model_id`` holds a row-extension adapter, and the base it records (never raises: PEFT then
+    decides)."""
     config = kwargs.get("config")
     try:
         if config is None:
@@ -430,12 +438,14 @@ def _row_extension_without_base(model_id: Any, kwargs: dict) -> bool:
                 download = {k: v for k, v in kwargs.items() if k in _DOWNLOAD_KEYS}
                 found = hf_hub_download(os.fspath(model_id), "adapter_config.json", **download)
             if not _is_row_extension_file(found):
-                return False
+                return False, None
             with open(found, encoding="utf-8") as f:
-                return not json.load(f).get("base_model_name_or_path")
+                return True, json.load(f).get("base_model_name_or_path")
     except Exception:
-        return False
-    return isinstance(config, RowExtensionConfig) and not config.base_model_name_or_path
+        return False, None
+    if isinstance(config, RowExtensionConfig):
+        return True, config.base_model_name_or_path
+    return False, None
 
 
 # ---------------------------------------------------------------------- PEFT's parameter counts

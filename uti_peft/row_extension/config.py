@@ -16,7 +16,7 @@ from peft.utils import PeftType
 from ..adapter_location import locate_adapter, locate_adapter_error
 from ..constants import CONFIG_NAME, HEAD_ROW_MODES, INIT_STRATEGIES, TOKEN_SPACE_NAME
 from ..errors import TokenSpaceError, WrongAdapterTypeError
-from ..paths import looks_like_path
+from ..paths import looks_like_path, portable_base
 from ..token_space import TokenSpace
 
 # Called as ``hook(directory, config)`` after a config is saved beside its rows; layers above the PEFT method (the
@@ -144,7 +144,10 @@ class RowExtensionConfig(PeftConfig):
         `AFTER_SAVE` hooks (`uti_peft.card` registers the one that writes the model card ``README.md``).
 
         ``PeftModel.save_pretrained`` writes the weights before the config, so the hooks see the whole adapter.
+        A base that is a local directory is recorded as an absolute path (`uti_peft.paths.portable_base`), so that
+        the adapter still finds it when loaded from another directory.
         """
+        self.base_model_name_or_path = portable_base(self.base_model_name_or_path)
         super().save_pretrained(save_directory, **kwargs)
         self.get_token_space().save(os.path.join(save_directory, TOKEN_SPACE_NAME))
         for hook in AFTER_SAVE:
