@@ -270,8 +270,11 @@ def write_rank_state(trainer: "Trainer", probe: "PreparedExample", directory: st
     For checking multi-process runs: every process must hold the same parameters as the saved adapter, and
     the saved adapter, loaded anew, must reproduce these logits. Parameters FSDP sharded are gathered (every
     process takes part). ``tail.<rows name>`` is the weight tail the lm_head's forward uses, to be compared with
-    its rows, and ``weight.<rows name>`` that whole weight (its text rows must be the base's). Metadata: rank, world size, global step, whether this process writes the model (``should_save``),
-    the distributed type, whether the rows are still views of their weight tails, and the peak RSS.
+    its rows, and ``weight.<rows name>`` that whole weight (its text rows must be the base's). Under ZeRO-3 with
+    ``stage3_gather_16bit_weights_on_model_save``, rank 0 adds ``full16.<key>``: the row layers' entries of the
+    consolidated state dict a full 16-bit save writes. Metadata: rank, world size, global step, whether this process
+    writes the model (``should_save``), the distributed type, whether the rows are still views of their weight tails,
+    and the peak RSS.
     """
     from safetensors.torch import save_file
 
@@ -284,6 +287,11 @@ def write_rank_state(trainer: "Trainer", probe: "PreparedExample", directory: st
     for name, text_vocab_size, weight in head_weights(model):
         tensors[f"tail.{name}"] = weight[text_vocab_size:].cpu().clone()
         tensors[f"weight.{name}"] = weight.cpu().contiguous()
+    engine = trainer.model_wrapped
+    if trainer.is_deepspeed_enabled and getattr(engine, "zero_gather_16bit_weights_on_model_save", bool)():
+        layers = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, RowExtensionLayer))
+        full = trainer.accelerator.get_state_dict(engine) or {}  # a collective; the dict on rank 0 only
+        tensors.update({f"full16.{k}": v.cpu().contiguous() for k, v in full.items() if k.startswith(layers)})
     try:
         check_rows_attached(model)
         attached = True

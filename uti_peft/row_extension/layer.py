@@ -11,8 +11,8 @@ The effective matrix is ``concat(base[:text_vocab_size], new_rows)``.
   untouched and the new rows are a parameter of their own; new ids are looked up there. Loading then copies
   nothing (a memory-mapped base stays mapped) and ``unload()`` has nothing to restore.
 * DeepSpeed ZeRO-3 (the *partitioned* storage mode, `uti_peft.row_extension.zero3`): no view survives partitioning,
-  so the head's rows are a parameter of their own beside its extended weight; the training forward computes the new
-  columns from the rows, and `sync_tail` writes them into the weight's tail (inside a gather) for its readers.
+  so the head's rows are a parameter of their own beside its extended weight, whose tail `sync_tail` sets to them
+  (inside a gather) after every optimizer step; the forward is the same full-width product, gradients to the rows.
 """
 
 from __future__ import annotations
@@ -28,7 +28,15 @@ from torch import nn
 from ..errors import RowExtensionError
 from ..memory import copy_releasing_source, extended_matrix, same_file_bytes
 from .kernels import ExtendedLinear, RowsInTail, folded, swap_rows
-from .zero3 import full_shape, gathered, is_modifier_rank, is_partitioned, partition_like, zero3_enabled
+from .zero3 import (
+    full_shape,
+    gathered,
+    is_modifier_rank,
+    is_partitioned,
+    partition_like,
+    register_external_parameter,
+    zero3_enabled,
+)
 
 if TYPE_CHECKING:
     from .config import RowExtensionConfig
@@ -47,9 +55,6 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
     """
 
     adapter_layer_names: tuple[str, ...] = ()
-    # DeepSpeed ZeRO-3 gathers every parameter of a leaf module (rows and base weight) around its forward and backward
-    # (what ``deepspeed.utils.set_z3_leaf_modules`` sets); without DeepSpeed nothing reads it
-    _z3_leaf = True
     other_param_names = ("row_extension_fixed_rows", "row_extension_replaced", "row_extension_reference_rows")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, tied_to: Optional["RowExtensionLayer"] = None):
@@ -125,6 +130,8 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
             rows = rows.to(device=weight.device, dtype=weight.dtype, copy=copy).contiguous()
         if trainable:
             self.trained_rows[adapter_name] = nn.Parameter(rows, requires_grad=True)
+            if self._partitioned:  # ZeRO-3 gathers a module's own parameters only: these live in a ParameterDict
+                register_external_parameter(self, self.trained_rows[adapter_name])
         else:
             self.row_extension_fixed_rows[adapter_name] = rows
         if keep_reference and trainable:
@@ -157,6 +164,7 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
         new = nn.Parameter(extended, requires_grad=weight.requires_grad)
         partition_like(weight, new)
         self.base_layer.weight = new
+        register_external_parameter(self, new)  # read by this module's forward (`_forward_partitioned`)
         self._in_place.add(adapter_name)
         sync_size_attributes(self.base_layer)
         return rows
@@ -303,6 +311,11 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
         As PEFT's tuners do, merging an already merged adapter warns and does nothing, and ``safe_merge`` refuses
         non-finite rows with PEFT's own message (before the base weight is changed).
         """
+        if self.partitioned:
+            raise RowExtensionError(
+                "merging a row-extension adapter is not supported under DeepSpeed ZeRO-3 (the weights are partitioned "
+                "placeholders); save the adapter and merge it into a full base (uti-peft merge)"
+            )
         for name in check_adapters_to_merge(self, adapter_names):
             if safe_merge and not torch.isfinite(self.rows(name)).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
@@ -312,8 +325,6 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
             elif self.tied_to is None:
                 self._hold_in_tail(name)
             self.attach_rows(name)
-            if self.partitioned:
-                self.sync_tail()
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -408,8 +419,8 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
         self._prepare_forward()
         weight = self.base_layer.weight
         name = self._active_row_adapter()
-        if self.partitioned:  # (gathered) the text rows beside the rows, their own parameter
-            if name is None or self.disable_adapters or self.merged:
+        if self.partitioned:  # (gathered) the text rows beside the rows, their own parameter (never merged, disabled)
+            if name is None:
                 return weight
             return torch.cat([weight[: self.text_vocab_size[name]], self.rows(name).to(weight.dtype)])
         if name is None or weight.shape[0] != self.effective_rows():
@@ -515,17 +526,17 @@ class RowExtensionLinear(RowExtensionLayer):
         return ExtendedLinear.apply(hidden_states, rows, self.base_layer.weight, self.base_layer.bias)
 
     def _forward_partitioned(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """ZeRO-3 (this module is a DeepSpeed leaf: its weight and rows are gathered around it): the base product for
-        the text columns, the rows' own product for the new ones — gradients to the rows only, whatever the weight's
-        tail holds. Not the merged model's single product (the last bits may differ); ZeRO-3 is for training."""
-        result = self.base_layer(hidden_states, *args, **kwargs)
+        """ZeRO-3 (the weight and the rows are gathered around this module: `update_layer` registers them with
+        DeepSpeed): the merged model's full-width product, as in the other modes, gradients to the rows only. The
+        weight's tail holds the rows after every optimizer step (`sync_tail`); where it does not (rows changed since),
+        the product is taken with a copy that holds them."""
         name = self._active_row_adapter()
-        if name is None or self.merged or self.disable_adapters:
-            return result
-        text_vocab_size, bias = self.text_vocab_size[name], self.base_layer.bias
-        rows = self.rows(name)
-        new = F.linear(hidden_states, rows, None if bias is None else bias[text_vocab_size:])
-        return torch.cat([result[..., :text_vocab_size], new.to(result.dtype)], dim=-1)
+        if name is None:  # (merging and disabling are refused in this mode)
+            return self.base_layer(hidden_states, *args, **kwargs)
+        text_vocab_size, weight, rows = self.text_vocab_size[name], self.base_layer.weight, self.rows(name)
+        if not torch.equal(weight[text_vocab_size:], rows.to(weight.dtype)):
+            weight = torch.cat([weight[:text_vocab_size], rows.detach().to(weight.dtype)])
+        return ExtendedLinear.apply(hidden_states, rows, weight, self.base_layer.bias)
 
 
 def _skip_reloading_file_rows(layer: RowExtensionLayer, state_dict: dict, prefix: str, *args) -> None:

@@ -3,13 +3,15 @@
 Under ZeRO-3 every parameter is a partitioned placeholder (``.shape == (0,)``; the real shape is ``ds_shape``)
 whose values exist only inside a gather. A view relationship between two parameters cannot survive that, so the
 layers record a *partitioned* storage mode there (`RowExtensionLayer.update_layer`): the rows are a ZeRO-managed
-parameter of their own, the head's weight is extended to ``vocab_size`` rows beside them, and its tail is written
-from the rows only where it is read (`RowExtensionLayer.sync_tail`). Everything here is a no-op without DeepSpeed.
+parameter of their own, registered with the layer so that ZeRO-3 gathers them around its forward and backward; the
+head's weight is extended to ``vocab_size`` rows beside them, and its tail is written from the rows after every
+optimizer step (`RowExtensionLayer.sync_tail`, called by `uti_peft.distributed.SyncRowsCallback`). Everything here
+is a no-op without a ZeRO-3 config.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -36,7 +38,8 @@ def full_shape(param: torch.Tensor) -> torch.Size:
 
 @contextmanager
 def gathered(params: Iterable[torch.Tensor], modifier_rank: Optional[int] = None) -> Iterator[None]:
-    """The full values of the ZeRO-3 parameters among ``params`` inside the block (``deepspeed.zero.GatheredParameters``).
+    """The full values of the ZeRO-3 parameters among ``params`` inside the block
+    (``deepspeed.zero.GatheredParameters``).
 
     With ``modifier_rank``, what that rank writes into them is broadcast and partitioned again on exit (shapes must
     not change: DeepSpeed re-partitions with the recorded ``ds_shape``). Plain tensors are left as they are.
@@ -51,9 +54,13 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: Optional[int] = None
         yield
 
 
-def gathered_if(condition: bool, params: Iterable[torch.Tensor], modifier_rank: Optional[int] = None):
-    """`gathered` when ``condition`` holds, else an empty context."""
-    return gathered(params, modifier_rank) if condition else nullcontext()
+def register_external_parameter(module: nn.Module, param: nn.Parameter) -> None:
+    """Have ZeRO-3 gather ``param`` around ``module``'s forward and backward
+    (``deepspeed.zero.register_external_parameter``): it gathers a module's own parameters only, and the rows live
+    in a child ``ParameterDict`` whose forward never runs."""
+    import deepspeed
+
+    deepspeed.zero.register_external_parameter(module, param)
 
 
 def is_modifier_rank(rank: int = 0) -> bool:
