@@ -77,7 +77,7 @@ def test_json_schema(quick_run):
         set(row) >= {"measurement", "kind", "ours", "reference", "ratio", "target", "met", "unit"} for row in rows
     )
     targets = [row for row in rows if row["kind"] == "target"]
-    assert len(targets) == report["targets_total"] == 12
+    assert len(targets) == report["targets_total"] == 13
     assert all(isinstance(row["met"], bool) for row in targets)
     assert report["targets_met"] + len(report["targets_missed"]) == report["targets_total"]
 

@@ -1,4 +1,5 @@
-"""Multi-process set-ups of ``uti-peft train``: DDP and FSDP2 through ``accelerate launch``; DeepSpeed refused.
+"""Multi-process set-ups of ``uti-peft train``: DDP and FSDP2 through ``accelerate launch``, DeepSpeed ZeRO through
+``--deepspeed``.
 
 Why FSDP needs care here: on the lm_head (and a tied embedding) the trainable rows parameter is a *view* of
 the tail of the base weight (`uti_peft.row_extension.layer`), which is what keeps the logits bit-identical to a merged
@@ -15,6 +16,12 @@ back to plain multi-CPU DDP (``AcceleratorState`` applies the FSDP plugin for ``
 `enable_fsdp_on_cpu` restores what accelerate does on GPUs (distributed type FSDP, the plugin built from the
 launcher's environment), so that the very same accelerate FSDP2 code path (``fsdp2_prepare_model``, full
 state-dict saving, FSDP checkpoints) runs with gloo on CPU processes.
+
+DeepSpeed (the Trainer's ``deepspeed=`` config, ``--deepspeed``): ZeRO-1/2 move every trainable parameter into
+their flat buffers after each step, which cuts the head's rows off its weight's tail; ZeRO-3 partitions both (the
+layers' partitioned storage mode, `uti_peft.row_extension.zero3`). `SyncRowsCallback` writes the rows back into
+the tail after every optimizer step, so whatever reads the head's weight (a state dict, a 16-bit save, the next
+forward) sees the trained rows.
 """
 
 from __future__ import annotations
@@ -25,7 +32,10 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 from torch import nn
 
+from transformers import TrainerCallback
+
 from .row_extension.layer import RowExtensionLayer
+from .row_extension.zero3 import gathered, is_partitioned
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -34,11 +44,10 @@ if TYPE_CHECKING:
 
 RANK_STATE_NAME = "rank{rank}.safetensors"
 
-DEEPSPEED_UNSUPPORTED = (
-    "DeepSpeed is not supported by uti-peft train yet (accelerate launched it with a DeepSpeed config: "
-    "ACCELERATE_USE_DEEPSPEED=true): ZeRO-3 partitions parameters, which breaks the rows that are views of the "
-    "embedding/lm_head weights, and no DeepSpeed run has been tested. Use DDP (--multi_gpu) or FSDP2 "
-    "(--config_file scripts/accelerate/fsdp2.yaml)"
+DEEPSPEED_THROUGH_ACCELERATE = (
+    "accelerate launched uti-peft train with a DeepSpeed config (ACCELERATE_USE_DEEPSPEED=true), which is not the "
+    "tested way: start the processes with torchrun and give the DeepSpeed config to the script, e.g. "
+    "torchrun --nproc_per_node 8 scripts/train.py --deepspeed scripts/deepspeed/zero3.json ..."
 )
 
 
@@ -52,9 +61,10 @@ def fsdp_requested() -> bool:
 
 
 def check_launch_environment() -> None:
-    """Refuse launch set-ups that cannot train rows correctly; called before anything is loaded or written."""
+    """Refuse launch set-ups that cannot train rows correctly or were not tested; called before anything is loaded or
+    written."""
     if _env_flag("ACCELERATE_USE_DEEPSPEED"):
-        raise ValueError(DEEPSPEED_UNSUPPORTED)
+        raise ValueError(DEEPSPEED_THROUGH_ACCELERATE)
     version = os.environ.get("FSDP_VERSION", "1")
     if fsdp_requested() and version != "2":
         raise ValueError(
@@ -62,6 +72,39 @@ def check_launch_environment() -> None:
             "parameters, which breaks the rows that are views of the embedding/lm_head weights; use fsdp_version: 2 "
             "(scripts/accelerate/fsdp2.yaml)"
         )
+
+
+def init_deepspeed_distributed(cpu: bool) -> None:
+    """Set up DeepSpeed's communication before the model is loaded: ZeRO-3 ``zero.Init`` (transformers'
+    ``from_pretrained`` under a ZeRO-3 config) partitions while loading. On CPU processes it is gloo (DeepSpeed's CPU
+    accelerator would ask for oneCCL)."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo" if cpu else None)
+
+
+def sync_rows(model: nn.Module) -> None:
+    """`RowExtensionLayer.sync_tail` on every row layer: the head's weight tail holds its trained rows again (a
+    collective under ZeRO-3: every process calls it)."""
+    for module in row_modules(model):
+        module.sync_tail()
+
+
+class SyncRowsCallback(TrainerCallback):
+    """Keep the head's weight tail equal to its rows after every optimizer step and at the end of training.
+
+    Needed under DeepSpeed (see the module docstring), harmless elsewhere (rows that are still the tail's view are
+    left as they are). `RowExtensionTrainer` adds it; with transformers' own ``Trainer`` and a DeepSpeed config, pass
+    ``callbacks=[SyncRowsCallback()]``. Under ZeRO-3 each call gathers the head once (rank 0 writes its tail).
+    """
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            sync_rows(model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            sync_rows(model)
 
 
 def enable_fsdp_on_cpu(accelerator: Any) -> bool:
@@ -130,6 +173,19 @@ def ignore_row_modules(accelerator: Any, model: nn.Module) -> None:
     plugin.ignored_modules = ignored + [m for m in row_modules(model) if all(m is not i for i in ignored)]
 
 
+def head_weights(model: nn.Module) -> Iterable[tuple[str, int, torch.Tensor]]:
+    """``(rows name, text_vocab_size, copy of the base weight)`` of every layer whose weight's tail mirrors rows
+    (gathered under ZeRO-3: a collective, every process calls it)."""
+    for module_name, module in model.named_modules():
+        if not isinstance(module, RowExtensionLayer):
+            continue
+        for adapter in sorted(a for a in module.text_vocab_size if module.mirrors_rows_in_tail(a)):
+            weight = module.base_layer.weight
+            with gathered([weight]):
+                copy = weight.detach().clone()
+            yield f"{module_name}.{module.adapter_layer_names[0]}.{adapter}", module.text_vocab_size[adapter], copy
+
+
 def rows_views(model: nn.Module) -> Iterable[tuple[str, torch.Tensor, torch.Tensor]]:
     """``(name, rows, weight tail)`` of every in-place rows parameter (lm_head, tied embedding)."""
     for module_name, module in model.named_modules():
@@ -184,10 +240,16 @@ def sharded_parameter_names(model: nn.Module) -> list[str]:
 
 
 def full_tensor(param: torch.Tensor) -> torch.Tensor:
-    """The whole value of a parameter, gathered if FSDP sharded it (a collective: call it on every process)."""
+    """The whole value of a parameter (a copy where it was gathered): gathered if FSDP sharded it or ZeRO-3
+    partitioned it (a collective: call it on every process)."""
     from torch.distributed.tensor import DTensor
 
-    return param.full_tensor() if isinstance(param, DTensor) else param
+    if isinstance(param, DTensor):
+        return param.full_tensor()
+    if is_partitioned(param):
+        with gathered([param]):
+            return param.detach().clone()
+    return param
 
 
 def peak_rss_bytes() -> int:
@@ -208,19 +270,28 @@ def write_rank_state(trainer: "Trainer", probe: "PreparedExample", directory: st
     For checking multi-process runs: every process must hold the same parameters as the saved adapter, and
     the saved adapter, loaded anew, must reproduce these logits. Parameters FSDP sharded are gathered (every
     process takes part). ``tail.<rows name>`` is the weight tail the lm_head's forward uses, to be compared with
-    its rows. Metadata: rank, world size, global step, whether this process writes the model (``should_save``),
-    the distributed type, whether the rows are still views of their weight tails, and the peak RSS.
+    its rows, and ``weight.<rows name>`` that whole weight (its text rows must be the base's). Under ZeRO-3 with
+    ``stage3_gather_16bit_weights_on_model_save``, rank 0 adds ``full16.<key>``: the row layers' entries of the
+    consolidated state dict a full 16-bit save writes. Metadata: rank, world size, global step, whether this process
+    writes the model (``should_save``), the distributed type, whether the rows are still views of their weight tails,
+    and the peak RSS.
     """
     from safetensors.torch import save_file
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     tensors = {
-        name: full_tensor(p.detach()).cpu().clone().contiguous()
+        name: full_tensor(p).detach().cpu().clone().contiguous()
         for name, p in model.named_parameters()
         if p.requires_grad
     }
-    for name, _, tail in rows_views(model):
-        tensors[f"tail.{name}"] = tail.detach().cpu().clone().contiguous()
+    for name, text_vocab_size, weight in head_weights(model):
+        tensors[f"tail.{name}"] = weight[text_vocab_size:].cpu().clone()
+        tensors[f"weight.{name}"] = weight.cpu().contiguous()
+    engine = trainer.model_wrapped
+    if trainer.is_deepspeed_enabled and getattr(engine, "zero_gather_16bit_weights_on_model_save", bool)():
+        layers = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, RowExtensionLayer))
+        full = trainer.accelerator.get_state_dict(engine) or {}  # a collective; the dict on rank 0 only
+        tensors.update({f"full16.{k}": v.cpu().contiguous() for k, v in full.items() if k.startswith(layers)})
     try:
         check_rows_attached(model)
         attached = True
@@ -238,6 +309,7 @@ def write_rank_state(trainer: "Trainer", probe: "PreparedExample", directory: st
         "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1],
         "rows_attached": str(attached),
         "sharded_parameters": ",".join(sharded_parameter_names(model)),
+        "partitioned_parameters": ",".join(n for n, p in model.named_parameters() if is_partitioned(p)),
         "peak_rss_bytes": str(peak_rss_bytes()),
     }
     os.makedirs(directory, exist_ok=True)

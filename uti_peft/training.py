@@ -14,7 +14,8 @@ from it. What this module adds is what the Trainer cannot know:
   rows, head rows, LoRA. Only trained parameters are given to it, so its state holds rows (and LoRA) only;
 - the logs: a running loss per task (``loss/<task>``), summed over processes;
 - FSDP2 (``accelerate launch --config_file scripts/accelerate/fsdp2.yaml``) with the row modules kept whole, and
-  DeepSpeed refused (`uti_peft.distributed`);
+  DeepSpeed ZeRO-2/3 (``torchrun ... --deepspeed scripts/deepspeed/zero3.json``) with the head's tail kept equal to
+  its rows (`uti_peft.distributed`);
 - an ``--output-dir`` that never clobbers what this command did not write (`uti_peft.output_dir`).
 """
 
@@ -44,12 +45,13 @@ from .data import (
     task_list,
 )
 from .distributed import (
-    DEEPSPEED_UNSUPPORTED,
+    SyncRowsCallback,
     check_fsdp_plugin,
     check_launch_environment,
     check_rows_attached,
     enable_fsdp_on_cpu,
     ignore_row_modules,
+    init_deepspeed_distributed,
     place_row_modules,
     reattach_rows,
     write_rank_state,
@@ -241,13 +243,12 @@ class RowExtensionTrainer(Trainer):
         self.task_losses = TaskLossMeter(tasks)
         self._task_index: Optional[torch.Tensor] = None
         super().__init__(*args, compute_loss_func=self._token_loss, **kwargs)
+        self.add_callback(SyncRowsCallback)  # the head's weight tail follows its rows (DeepSpeed re-points them)
 
     def create_accelerator_and_postprocess(self) -> None:
-        """The Trainer's accelerator; DeepSpeed refused; FSDP2 checked and, on CPU processes, restored
+        """The Trainer's accelerator; FSDP2 checked and, on CPU processes, restored
         (`uti_peft.distributed.enable_fsdp_on_cpu`)."""
         super().create_accelerator_and_postprocess()
-        if self.is_deepspeed_enabled:
-            raise ValueError(DEEPSPEED_UNSUPPORTED)
         if enable_fsdp_on_cpu(self.accelerator):
             self.is_fsdp_enabled = True
         if self.is_fsdp_enabled:
@@ -342,6 +343,7 @@ def training_arguments(args: argparse.Namespace) -> TrainingArguments:
         ddp_find_unused_parameters=False,  # every trained parameter gets a gradient at every step
         report_to=args.report_to,
         disable_tqdm=args.no_progress or None,
+        deepspeed=args.deepspeed,
     )
 
 
@@ -378,6 +380,11 @@ def train(args: argparse.Namespace) -> RowExtensionTrainer:
 
 
 def _build_trainer(args: argparse.Namespace) -> tuple[RowExtensionTrainer, list[PreparedExample]]:
+    if args.deepspeed:
+        init_deepspeed_distributed(args.cpu)
+    # before the model: under a ZeRO-3 config, the arguments' DeepSpeed config makes from_pretrained partition the
+    # base as it loads (zero.Init) and the row layers record their partitioned mode
+    training_args = training_arguments(args)
     set_seed(args.seed)  # before the model: new rows and LoRA are initialised at random, alike on every process
     model = build_model(load_base(args), args)
     token_space = find_row_extension_adapter(model.peft_config)[1].get_token_space()
@@ -385,7 +392,7 @@ def _build_trainer(args: argparse.Namespace) -> tuple[RowExtensionTrainer, list[
     tasks = task_list(examples)
     trainer = RowExtensionTrainer(
         model=model,
-        args=training_arguments(args),
+        args=training_args,
         train_dataset=examples,
         data_collator=PaddingCollator(token_space.pad_token_id, tasks),
         processing_class=extended_tokenizer(args, token_space),

@@ -379,6 +379,9 @@ def define_train(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--overwrite-output-dir", action="store_true",
                      help="replace an earlier uti-peft train run in --output-dir (never a directory it did not create)")
     run.add_argument("--cpu", action="store_true", help="train on the CPU even if an accelerator is present")
+    run.add_argument("--deepspeed", metavar="CONFIG",
+                     help="DeepSpeed config (JSON), e.g. scripts/deepspeed/zero2.json or zero3.json; start the "
+                          "processes with torchrun")
     run.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
     run.add_argument("--report-to", default="none", help="Trainer integrations (tensorboard, wandb, ...)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -10,6 +10,9 @@ The effective matrix is ``concat(base[:text_vocab_size], new_rows)``.
 * Untied input embedding: a lookup is a gather, exact wherever the rows live, so the base weight is left
   untouched and the new rows are a parameter of their own; new ids are looked up there. Loading then copies
   nothing (a memory-mapped base stays mapped) and ``unload()`` has nothing to restore.
+* DeepSpeed ZeRO-3 (the *partitioned* storage mode, `uti_peft.row_extension.zero3`): no view survives partitioning,
+  so the head's rows are a parameter of their own beside its extended weight, whose tail `sync_tail` sets to them
+  (inside a gather) after every optimizer step; the forward is the same full-width product, gradients to the rows.
 """
 
 from __future__ import annotations
@@ -25,6 +28,15 @@ from torch import nn
 from ..errors import RowExtensionError
 from ..memory import copy_releasing_source, extended_matrix, same_file_bytes
 from .kernels import ExtendedLinear, RowsInTail, folded, swap_rows
+from .zero3 import (
+    full_shape,
+    gathered,
+    is_modifier_rank,
+    is_partitioned,
+    partition_like,
+    register_external_parameter,
+    zero3_enabled,
+)
 
 if TYPE_CHECKING:
     from .config import RowExtensionConfig
@@ -61,6 +73,7 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
         self.row_extension_reference_rows = BufferDict(persistent=False)
         self.text_vocab_size: dict[str, int] = {}
         self._in_place: set[str] = set()  # the adapter whose rows are the tail of the base weight (at most one)
+        self._partitioned = False  # storage mode recorded by update_layer: see `partitioned`
         self.register_load_state_dict_pre_hook(_skip_reloading_file_rows)
 
     # ------------------------------------------------------------------ set-up
@@ -71,6 +84,14 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
     @property
     def trained_rows(self) -> nn.ParameterDict:
         return getattr(self, self.adapter_layer_names[0])
+
+    @property
+    def partitioned(self) -> bool:
+        """The storage mode: True where DeepSpeed ZeRO-3 partitions the weights — recorded by `update_layer`, or found
+        when ``deepspeed.initialize`` partitioned a model adapted before its config existed. The head's rows are then
+        a parameter of their own, written into the weight's tail by `sync_tail`, never a view of it."""
+        owner = self.tied_to or self
+        return owner._partitioned or is_partitioned(owner.base_layer.weight)
 
     def update_layer(
         self,
@@ -92,10 +113,16 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
         ``keep_reference`` keeps a copy of the starting rows for `enable_adapters(False)` (adapters to be trained).
         """
         self.text_vocab_size[adapter_name] = text_vocab_size
+        self._partitioned = self._partitioned or zero3_enabled() or is_partitioned(self.base_layer.weight)
+        if self._partitioned:
+            self._check_partitioned(adapter_name, in_place)
+            keep_reference = False  # disabling is refused under ZeRO-3 (see enable_adapters)
         if self.tied_to is not None:
             sync_size_attributes(self.base_layer)
             return
-        if in_place and not self._in_place:
+        if in_place and self._partitioned:
+            rows = self._extend_partitioned(adapter_name, rows)
+        elif in_place and not self._in_place:
             rows = self._extend_in_place(adapter_name, rows)
         else:
             weight = self.base_layer.weight
@@ -103,10 +130,44 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
             rows = rows.to(device=weight.device, dtype=weight.dtype, copy=copy).contiguous()
         if trainable:
             self.trained_rows[adapter_name] = nn.Parameter(rows, requires_grad=True)
+            if self._partitioned:  # ZeRO-3 gathers a module's own parameters only: these live in a ParameterDict
+                register_external_parameter(self, self.trained_rows[adapter_name])
         else:
             self.row_extension_fixed_rows[adapter_name] = rows
         if keep_reference and trainable:
             self.row_extension_reference_rows[adapter_name] = rows.detach().clone()
+
+    def _check_partitioned(self, adapter_name: str, in_place: bool) -> None:
+        """What the partitioned (ZeRO-3) mode cannot do, refused before anything changes."""
+        if self.tied_to is not None or (in_place and isinstance(self.base_layer, nn.Embedding)):
+            raise RowExtensionError(
+                "DeepSpeed ZeRO-3 with tied input/output embeddings is not supported by row-extension adapters (the "
+                "one shared matrix would be partitioned once for two modules); use an untied base, ZeRO-2, DDP or FSDP2"
+            )
+        others = [name for name in self.text_vocab_size if name != adapter_name]
+        if others:
+            raise RowExtensionError(
+                f"adapter {adapter_name!r} beside {others}: under DeepSpeed ZeRO-3 a layer holds one row-extension "
+                "adapter (their rows would take turns in a partitioned weight); load one adapter per model"
+            )
+
+    def _extend_partitioned(self, adapter_name: str, rows: torch.Tensor) -> torch.Tensor:
+        """ZeRO-3: a new base weight ``concat(weight[:text_vocab_size], rows)`` (partitioned at once where the old
+        one was: a gathered weight keeps its recorded shape, so it cannot grow in place); return rows of their own."""
+        text_vocab_size = self.text_vocab_size[adapter_name]
+        weight = self.base_layer.weight
+        with gathered([weight]):
+            old = weight.data
+            rows = rows.to(device=old.device, dtype=old.dtype, copy=True).contiguous()
+            self.row_extension_replaced[adapter_name] = old[text_vocab_size:].clone()
+            extended = torch.cat([old[:text_vocab_size], rows])
+        new = nn.Parameter(extended, requires_grad=weight.requires_grad)
+        partition_like(weight, new)
+        self.base_layer.weight = new
+        register_external_parameter(self, new)  # read by this module's forward (`_forward_partitioned`)
+        self._in_place.add(adapter_name)
+        sync_size_attributes(self.base_layer)
+        return rows
 
     def _extend_in_place(self, adapter_name: str, rows: torch.Tensor) -> torch.Tensor:
         """Make the base weight ``concat(weight[:text_vocab_size], rows)``; return the view of its tail."""
@@ -148,7 +209,7 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
         Moving, casting or ``load_state_dict(assign=True)`` may give the parameter its own storage; the
         values it holds are copied back into the tail (taking the weight's dtype and device).
         """
-        if self.tied_to is not None or adapter_name not in self._in_place:
+        if self.tied_to is not None or adapter_name not in self._in_place or self.partitioned:
             return
         rows = self.rows(adapter_name)
         tail = self.base_layer.weight.data[self.text_vocab_size[adapter_name] :]
@@ -157,6 +218,26 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
         with torch.no_grad():
             tail.copy_(rows.data)
         self._point_rows_at(adapter_name, tail)
+
+    def sync_tail(self) -> None:
+        """Make the weight's tail hold the active rows again where they are not a view of it, for whatever reads the
+        weight itself (a full state dict, a 16-bit save, a gathered head).
+
+        After an optimizer step, DeepSpeed ZeRO-1/2 leave the rows in their flat buffer: the values are copied into the
+        tail and the rows become its view again (`attach_rows`). Under ZeRO-3 (partitioned) rank 0 writes them into
+        the gathered weight, which is partitioned again from it: a collective, every process calls it.
+        """
+        if self.tied_to is not None:
+            return
+        for name in list(self._in_place):
+            if not self.partitioned:
+                self.attach_rows(name)
+                continue
+            rows, weight = self.rows(name), self.base_layer.weight
+            with gathered([rows]), gathered([weight], modifier_rank=0):
+                if is_modifier_rank(0):
+                    with torch.no_grad():
+                        weight.data[self.text_vocab_size[name] :].copy_(rows.data)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         if adapter_name in self._in_place:
@@ -218,6 +299,11 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
         means here, as for PEFT's trainable tokens; the current rows come back when enabled."""
         if enabled == (not self._disable_adapters):
             return
+        if not enabled and self.partitioned:
+            raise RowExtensionError(
+                "disabling a row-extension adapter is not supported under DeepSpeed ZeRO-3 (its reference rows would "
+                "have to be swapped into partitioned weights); compute a reference with a separate frozen model"
+            )
         name = self._active_row_adapter()
         if self.tied_to is None and name in self.row_extension_reference_rows:
             swap_rows(self.rows(name).data, self.row_extension_reference_rows[name])
@@ -230,6 +316,11 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
         As PEFT's tuners do, merging an already merged adapter warns and does nothing, and ``safe_merge`` refuses
         non-finite rows with PEFT's own message (before the base weight is changed).
         """
+        if self.partitioned:
+            raise RowExtensionError(
+                "merging a row-extension adapter is not supported under DeepSpeed ZeRO-3 (the weights are partitioned "
+                "placeholders); save the adapter and merge it into a full base (uti-peft merge)"
+            )
         for name in check_adapters_to_merge(self, adapter_names):
             if safe_merge and not torch.isfinite(self.rows(name)).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
@@ -269,7 +360,11 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
 
     def rows_share_base_storage(self, adapter_name: str) -> bool:
         """Whether the adapter's rows are the tail of the base weight (one storage, counted once)."""
-        return adapter_name in self._in_place
+        return adapter_name in self._in_place and not self.partitioned
+
+    def mirrors_rows_in_tail(self, adapter_name: str) -> bool:
+        """Whether the base weight's tail holds (a view or, partitioned, a copy of) the adapter's rows."""
+        return self.tied_to is None and adapter_name in self._in_place
 
     def original_base_weight(self) -> torch.Tensor:
         """The base weight as the base model had it (its own row count and rows), whatever the adapter did to it:
@@ -315,8 +410,8 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
         """Rows of the effective matrix: ``vocab_size`` while an adapter is active, else the base's own."""
         name = self._active_row_adapter()
         if name is None:
-            return self.base_layer.weight.shape[0]
-        return self.text_vocab_size[name] + self.rows(name).shape[0]
+            return full_shape(self.base_layer.weight)[0]
+        return self.text_vocab_size[name] + full_shape(self.rows(name))[0]
 
     def get_merged_weights(self) -> torch.Tensor:
         """The ``[vocab_size, hidden]`` matrix this layer computes with (the inherited ``.weight`` of a tuner layer
@@ -329,6 +424,10 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
         self._prepare_forward()
         weight = self.base_layer.weight
         name = self._active_row_adapter()
+        if self.partitioned:  # (gathered) the text rows beside the rows, their own parameter (never merged, disabled)
+            if name is None:
+                return weight
+            return torch.cat([weight[: self.text_vocab_size[name]], self.rows(name).to(weight.dtype)])
         if name is None or weight.shape[0] != self.effective_rows():
             rows = self.rows(name) if name is not None and not self.disable_adapters else None
             if rows is None:
@@ -423,11 +522,26 @@ class RowExtensionLinear(RowExtensionLayer):
         return self.base_layer.bias
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.partitioned:
+            return self._forward_partitioned(hidden_states, *args, **kwargs)
         self._prepare_forward()
         rows = self._training_rows()
         if rows is None:
             return folded(lambda x: self.base_layer(x, *args, **kwargs), hidden_states, self.base_layer.bias)
         return ExtendedLinear.apply(hidden_states, rows, self.base_layer.weight, self.base_layer.bias)
+
+    def _forward_partitioned(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """ZeRO-3 (the weight and the rows are gathered around this module: `update_layer` registers them with
+        DeepSpeed): the merged model's full-width product, as in the other modes, gradients to the rows only. The
+        weight's tail holds the rows after every optimizer step (`sync_tail`); where it does not (rows changed since),
+        the product is taken with a copy that holds them."""
+        name = self._active_row_adapter()
+        if name is None:  # (merging and disabling are refused in this mode)
+            return self.base_layer(hidden_states, *args, **kwargs)
+        text_vocab_size, weight, rows = self.text_vocab_size[name], self.base_layer.weight, self.rows(name)
+        if not torch.equal(weight[text_vocab_size:], rows.to(weight.dtype)):
+            weight = torch.cat([weight[:text_vocab_size], rows.detach().to(weight.dtype)])
+        return ExtendedLinear.apply(hidden_states, rows, weight, self.base_layer.bias)
 
 
 def _skip_reloading_file_rows(layer: RowExtensionLayer, state_dict: dict, prefix: str, *args) -> None:
@@ -449,7 +563,7 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def sync_size_attributes(module: nn.Module) -> None:
     """Keep ``num_embeddings`` / ``out_features`` in step with the weight after a resize."""
-    rows = module.weight.shape[0]
+    rows = full_shape(module.weight)[0]
     if isinstance(module, nn.Embedding):
         module.num_embeddings = rows
     elif isinstance(module, nn.Linear):

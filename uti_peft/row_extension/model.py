@@ -31,6 +31,7 @@ from .layer import (
 )
 from .lora import load_lora, read_lora
 from .saved_rows import check_row_blocks
+from .zero3 import full_shape, gathered
 
 # on-disk key of each layer role's parameter container
 _CANONICAL_KEYS = {
@@ -99,7 +100,10 @@ class RowExtensionModel(BaseTuner):
             state_dict = self._current_rows(copied)
         # ``state_dict`` (transformers' ``load_adapter(adapter_state_dict=...)``) holds the rows to load; PEFT would
         # use its keys to pick targets, which ours are not named after, so it is not passed on.
-        self._plan = plan = _plan_injection(model, config, state_dict)
+        # under ZeRO-3 zero.Init the embeddings are partitioned: planning reads their full values (new rows are drawn
+        # from their statistics), then lets them go before the layers change them
+        with gathered([_base_weight(m) for m in _embedding_modules(model) if m is not None]):
+            self._plan = plan = _plan_injection(model, config, state_dict)
         try:
             super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage)
         finally:
@@ -277,16 +281,17 @@ def _base_embeddings(model: nn.Module, config: RowExtensionConfig) -> tuple[dict
                 f"base {names[role]} has no weights in memory (offloaded to the meta device); load the base with "
                 "its embeddings on a real device"
             )
-        rows = weights[role].shape[0]
+        rows = full_shape(weights[role])[0]
         if rows < config.text_vocab_size:
             raise RowExtensionError(
                 f"base {names[role]} has {rows} rows, fewer than the token space's text_vocab_size "
                 f"{config.text_vocab_size}"
             )
-    if output_module is not None and weights["output"].shape[1] != weights["input"].shape[1]:
+    hidden = {role: full_shape(weight)[1] for role, weight in weights.items()}
+    if output_module is not None and hidden["output"] != hidden["input"]:
         raise RowExtensionError(
-            f"base {names['output']} hidden size {weights['output'].shape[1]} differs from "
-            f"{names['input']} hidden size {weights['input'].shape[1]}"
+            f"base {names['output']} hidden size {hidden['output']} differs from {names['input']} hidden size "
+            f"{hidden['input']}"
         )
     return modules, names, output_module is not None and weights["output"] is weights["input"]
 
@@ -311,7 +316,7 @@ def _read_saved(model: nn.Module, config: RowExtensionConfig, state_dict: Option
         lora = read_lora(source, config.lora_adapter, model, input_module.weight.device)
     rows = saved.get(INPUT_ROWS_KEY, saved.get(OUTPUT_ROWS_KEY))
     check_base_model(config, model, adapter_hidden_size=rows.shape[-1] if rows is not None and rows.dim() == 2 else None)
-    _check_saved_rows(saved, config, input_module.weight.shape[1], _module_name(model, input_module), where)
+    _check_saved_rows(saved, config, full_shape(input_module.weight)[1], _module_name(model, input_module), where)
     return saved, where, lora
 
 
