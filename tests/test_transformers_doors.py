@@ -8,6 +8,7 @@ text vocabulary (Qwen3's 151,936), exactly the text vocabulary, and already ``vo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -221,19 +222,25 @@ def test_what_cannot_be_exact_is_refused(tmp_path, token_space):
     assert not (tmp_path / "pushed").exists()
 
 
-@pytest.mark.parametrize("door", ["AutoModelForCausalLM", "AutoPeftModelForCausalLM"])
-def test_an_adapter_without_a_base_fails_at_once_saying_to_pass_the_base(tmp_path, token_space, monkeypatch, door):
-    model = get_peft_model(build_tiny_qwen3(), uti_peft.RowExtensionConfig(token_space=token_space))
-    model.save_pretrained(tmp_path / "adapter")  # built in memory: no base recorded
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
-    load = {"AutoModelForCausalLM": AutoModelForCausalLM, "AutoPeftModelForCausalLM": AutoPeftModelForCausalLM}[door]
-    # a loopback "Hub" that accepts connections and never answers: a request would hang, not fail fast
+@contextlib.contextmanager
+def silent_hub(monkeypatch):
+    """A loopback "Hub" that accepts connections and never answers: a request would hang, not fail fast."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)
         monkeypatch.setenv("HF_HUB_OFFLINE", "0")
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        yield
+
+
+@pytest.mark.parametrize("door", ["AutoModelForCausalLM", "AutoPeftModelForCausalLM"])
+def test_an_adapter_without_a_base_fails_at_once_saying_to_pass_the_base(tmp_path, token_space, monkeypatch, door):
+    model = get_peft_model(build_tiny_qwen3(), uti_peft.RowExtensionConfig(token_space=token_space))
+    model.save_pretrained(tmp_path / "adapter")  # built in memory: no base recorded
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    load = {"AutoModelForCausalLM": AutoModelForCausalLM, "AutoPeftModelForCausalLM": AutoPeftModelForCausalLM}[door]
+    with silent_hub(monkeypatch):
         start = time.monotonic()
         with pytest.raises(uti_peft.RowExtensionError, match="records no base_model_name_or_path") as raised:
             load.from_pretrained(tmp_path / "adapter")
@@ -262,12 +269,7 @@ def test_a_moved_adapter_finds_its_local_base_or_fails_at_once(tmp_path, token_s
     assert torch.equal(logits(load.from_pretrained(tmp_path / "work" / "adapter"), ids), logits(reference, ids))
 
     os.rename(tmp_path / "work" / "base", tmp_path / "moved-base")
-    with socket.socket() as silent:  # a "Hub" that never answers: a request would hang, not fail fast
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(16)
-        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    with silent_hub(monkeypatch):
         start = time.monotonic()
         with pytest.raises(uti_peft.errors.BaseModelNotFoundError) as raised:
             load.from_pretrained(tmp_path / "work" / "adapter")
