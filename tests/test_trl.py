@@ -33,19 +33,22 @@ FAST = dict(max_steps=2, per_device_train_batch_size=2, report_to="none", save_s
             logging_steps=1, seed=0, learning_rate=1e-2)
 
 
-@pytest.fixture
-def base_dir(tmp_path, token_space):
-    """A tiny untied Qwen3 with a tokenizer of 1,000 words plus every new token (pad: <|pad_mm|>)."""
+def save_base(path, space, tied: bool = False):
+    """A tiny Qwen3 with a tokenizer of 1,000 words plus every new token (pad: <|pad_mm|>)."""
     vocab = {f"w{i}": i for i in range(TEXT_VOCAB)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", eos_token="w1")
-    add_modality_tokens(tokenizer, token_space)
+    add_modality_tokens(tokenizer, space)
     tokenizer.pad_token = "<|pad_mm|>"
-    path = tmp_path / "base"
-    build_tiny_qwen3().save_pretrained(path)
+    build_tiny_qwen3(tied=tied).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def base_dir(tmp_path, token_space):
+    return save_base(tmp_path / "base", token_space)
 
 
 def sft_data(space, n=4, length=12):
@@ -110,6 +113,26 @@ def test_sft_with_trl_defaults_trains_the_rows(tmp_path, base_dir, token_space, 
     expected = logits(trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False).eval(), ids)
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "saved")
     assert torch.equal(logits(reloaded, ids), expected)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "saved"), ids), expected)
+
+
+def test_sft_on_a_tied_base_trains_the_one_set_of_rows(tmp_path, token_space):
+    """Tied: the fused head and the embedding send their gradients to the same rows, which the adapter saves once."""
+    base_dir = save_base(tmp_path / "tied", token_space, tied=True)
+    trainer = SFTTrainer(model=str(base_dir), args=SFTConfig(output_dir=str(tmp_path / "out"), **FAST),
+                         train_dataset=sft_data(token_space), peft_config=uti_peft.RowExtensionConfig(token_space=token_space))
+    model = trainer.model
+    before = row_tensors(model)
+    assert list(before) == ["base_model.model.model.embed_tokens.row_extension_input_rows.default"]
+    trainer.train()
+    after = row_tensors(model)
+    assert not torch.equal(after[next(iter(after))], before[next(iter(before))])
+    base = load_file(base_dir / "model.safetensors")
+    assert all(torch.equal(get_base_model_state_dict(model)[k], v) for k, v in base.items())
+    trainer.save_model(str(tmp_path / "saved"))
+    assert set(load_file(tmp_path / "saved" / "adapter_model.safetensors")) == {"input_embeddings.new_rows"}
+    ids = probe_ids(token_space)
+    expected = logits(trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False).eval(), ids)
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "saved"), ids), expected)
 
 
