@@ -16,8 +16,12 @@ import contextlib
 import sys
 from typing import Iterator
 
-import trl
 from peft.tuners.tuners_utils import BaseTunerLayer
+
+try:
+    import trl
+except ImportError as exc:  # an optional dependency: say how to get it
+    raise ImportError("uti_peft.integrations.trl needs TRL >= 1.15: pip install 'uti-peft[trl]'") from exc
 
 from ..row_extension import RowExtensionLayer
 
