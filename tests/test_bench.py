@@ -55,7 +55,8 @@ def test_json_schema(quick_run):
     sweep = [f"load-{kind}-{n}L" for n in (2, 3) for kind in ("ours", "merged")]  # --quick's depths: 2 and 3
     for case in (*sweep, "cache-2L", "cache-3L", "head-map", "head-copy", "head-plain", "load-legacy-nomean",
                  "load-legacy", "inference", "train-ours", "train-legacy", "convert-ours", "convert-plain",
-                 "merge-ours-2L", "merge-peft-2L", "merge-floor-2L", "extract-2L", "switch", "head-loss-fused", "head-loss-unfused"):
+                 "merge-ours-2L", "merge-peft-2L", "merge-floor-2L", "extract-2L", "switch", "head-loss-fused",
+                 "head-loss-unfused"):
         assert report["raw"][case], case
     switch = report["switch"]
     assert switch["switch_s"] > 0 and switch["copy_s"] > 0 and switch["rows_bytes"] > 0
