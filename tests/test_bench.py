@@ -55,7 +55,8 @@ def test_json_schema(quick_run):
     sweep = [f"load-{kind}-{n}L" for n in (2, 3) for kind in ("ours", "merged")]  # --quick's depths: 2 and 3
     for case in (*sweep, "cache-2L", "cache-3L", "head-map", "head-copy", "head-plain", "load-legacy-nomean",
                  "load-legacy", "inference", "train-ours", "train-legacy", "convert-ours", "convert-plain",
-                 "merge-ours-2L", "merge-peft-2L", "extract-2L", "switch", "head-loss-fused", "head-loss-unfused"):
+                 "merge-ours-2L", "merge-peft-2L", "merge-floor-2L", "extract-2L", "switch", "head-loss-fused",
+                 "head-loss-unfused"):
         assert report["raw"][case], case
     switch = report["switch"]
     assert switch["switch_s"] > 0 and switch["copy_s"] > 0 and switch["rows_bytes"] > 0
@@ -78,6 +79,12 @@ def test_json_schema(quick_run):
     )
     targets = [row for row in rows if row["kind"] == "target"]
     assert len(targets) == report["targets_total"] == 13
+    # merge time: a target against the copy floor, PEFT's way beside it as information (issue #26)
+    merge_rows = {row["measurement"]: row["kind"] for row in rows if row["measurement"].startswith("merge + write")}
+    assert merge_rows == {
+        "merge + write, 2 layer(s): uti-peft merge vs the copy floor (cp of the base + the rows)": "target",
+        "merge + write, 2 layer(s) (s): uti-peft merge vs PEFT merge_and_unload + save_pretrained": "info",
+    }
     assert all(isinstance(row["met"], bool) for row in targets)
     assert report["targets_met"] + len(report["targets_missed"]) == report["targets_total"]
 
@@ -136,6 +143,10 @@ def test_deterministic_facts(quick_run):
     assert merge["tensors_identical"] is True
     assert merge["extract_rows_identical"] is True  # extract gives the adapter's rows file back from the merged one
     assert report["merge"]["largest_merged_tensor_bytes"] == shape["vocab_size"] * shape["hidden"] * 2
+    # the copy floor wrote every byte of the base and the adapter's rows (plus a safetensors header)
+    base_bytes = sum(p.stat().st_size for p in (work / "base").iterdir() if p.is_file())
+    floor = raw["merge-floor-2L"]
+    assert floor and all(base_bytes + rows_bytes < r["written_bytes"] < base_bytes + rows_bytes + 4096 for r in floor)
 
     size = report["size_and_conversion"]
     assert size["rows_bytes"] == rows_bytes

@@ -13,9 +13,11 @@ What it measures, and against what:
    gradients + optimizer state.
 5. **Size and conversion**: adapter directory bytes vs. the rows' bytes vs. PEFT's ``modules_to_save``
    alternative, and ``convert_legacy`` vs. a plain ``torch.load`` + ``safetensors`` ``save_file``.
-6. **Merge** (issue #12): ``uti_peft.merge_adapter`` (``uti-peft merge``, streamed) vs. ``PeftModel.from_pretrained``
-   + ``merge_and_unload()`` + ``save_pretrained``: wall time, peak RSS and the written tensors (identical), for
-   bases of each ``--merge-layers`` decoder-layer count.
+6. **Merge** (issues #12, #26): ``uti_peft.merge_adapter`` (``uti-peft merge``, streamed) vs. the copy floor (a
+   kernel copy of every file of the base + the adapter's rows written: the least writing the merged checkpoint
+   costs) and, as information, vs. ``PeftModel.from_pretrained`` + ``merge_and_unload()`` + ``save_pretrained``:
+   wall time, peak RSS and the written tensors (identical to PEFT's), for bases of each ``--merge-layers``
+   decoder-layer count.
 
 Why this shape: the base is built locally (no download) as a Qwen3 with the 8B's embedding shapes (151,936 rows,
 hidden 4,096, bf16, untied) and the 8B's decoder-layer shapes, but only ``--layers`` (default 1) decoder layers:

@@ -4,8 +4,9 @@ so that no case inherits another's memory or warm state. Each returns a JSON-abl
 Cases: load (+ the first forwards) of ours / merged at each depth of the sweep and of the legacy loader, the
 extended head's build (mapped, copied, plain copy), inference (prefill + greedy decode, ours vs merged),
 training step (ours vs the legacy recipe), conversion (``convert_legacy`` vs torch.load + save_file), merge
-(``uti_peft.merge_adapter`` vs PEFT's ``merge_and_unload`` + ``save_pretrained``), extract (the merged checkpoint
-back to rows, beside merge). ``CASES`` names them all.
+(``uti_peft.merge_adapter`` vs the copy limit: a kernel copy of the base + the rows written; and, as information,
+vs PEFT's ``merge_and_unload`` + ``save_pretrained``), extract (the merged checkpoint back to rows, beside merge).
+``CASES`` names them all.
 """
 
 from __future__ import annotations
@@ -417,6 +418,34 @@ def case_merge(kind: str, layers: int, paths: Paths, params: Params) -> dict[str
     return result
 
 
+def case_merge_floor(layers: int, paths: Paths, params: Params) -> dict[str, Any]:
+    """The copy limit of a merge (issue #26): what writing the merged checkpoint costs at the least, on this machine.
+    Every file of the ``layers``-layer base is copied to a scratch dir by the kernel (``shutil.copyfile``: sendfile /
+    copy_file_range on Linux, the bytes never enter the process), then the adapter's new rows are read and written
+    once more (``save_file`` of the two row blocks), the part of the merged checkpoint that is not the base's.
+    About the merged checkpoint's bytes (the base's few padding rows beyond the text vocabulary are copied too, a
+    merge drops them). Time and peak RSS as in ``case_merge``; the scratch output is removed afterwards."""
+    import_model_stack()  # the same RSS baseline as case_merge
+    from safetensors.torch import load_file, save_file
+
+    before = proc_status()["VmRSS"]
+    peak_reset = reset_peak_rss()
+    base, out = paths.base_of(params, layers), paths.scratch(f"merge-floor-{layers}L-{os.getpid()}")
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    out.mkdir(parents=True)
+    for path in sorted(base.iterdir()):
+        if path.is_file():
+            shutil.copyfile(path, out / path.name)
+    save_file(load_file(str(paths.adapter / "adapter_model.safetensors")), str(out / "rows.safetensors"))
+    seconds = time.perf_counter() - start
+    peak = proc_status()["VmHWM"]
+    result = {"seconds": seconds, "peak_rss_bytes": peak, "rss_after_imports_bytes": before, "peak_reset": peak_reset,
+              "written_bytes": dir_bytes(out)}
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
 def case_extract(layers: int, paths: Paths, params: Params) -> dict[str, Any]:
     """``uti_peft.extract_adapter``: the ``layers``-layer merged checkpoint turned back into rows (every tensor
     compared with the base's, the text rows checked, the new rows written). Time and peak RSS cover the whole job;
@@ -519,6 +548,7 @@ CASES: dict[str, Callable[[Paths, Params], dict[str, Any]]] = {
     "convert-plain": lambda p, q: case_convert("plain", p, q),
     **{f"merge-{kind}-{n}L": (lambda p, q, kind=kind, n=n: case_merge(kind, n, p, q))
        for kind in ("ours", "peft") for n in LAYER_CHOICES},
+    **{f"merge-floor-{n}L": (lambda p, q, n=n: case_merge_floor(n, p, q)) for n in LAYER_CHOICES},
     **{f"extract-{n}L": (lambda p, q, n=n: case_extract(n, p, q)) for n in LAYER_CHOICES},
 }
 

@@ -100,6 +100,9 @@ def schedule(params: Params) -> list[tuple[str, float]]:
     steps += alternating(["head-loss-fused", "head-loss-unfused"], params.reps, budget)
     steps += alternating(["convert-ours", "convert-plain"], params.reps, budget)
     for layers in params.merge_layers:
+        steps.append((f"cache-{layers}L", budget))  # the base and the adapter in the page cache: no run reads the disk
+        # ours against the copy limit (the target), then against PEFT's way (information): ours runs in both
+        steps += alternating([f"merge-ours-{layers}L", f"merge-floor-{layers}L"], params.reps, budget)
         steps += alternating([f"merge-ours-{layers}L", f"merge-peft-{layers}L"], params.reps, budget)
         steps += [(f"extract-{layers}L", budget)] * params.reps
     # last (so that in --quick's single process nothing runs after it): it ends itself after --legacy-timeout
