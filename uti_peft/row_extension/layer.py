@@ -112,11 +112,12 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
         holds: a memory-mapped adapter file then stays mapped, read when looked up, as transformers keeps weights).
         ``keep_reference`` keeps a copy of the starting rows for `enable_adapters(False)` (adapters to be trained).
         """
-        self.text_vocab_size[adapter_name] = text_vocab_size
-        self._partitioned = self._partitioned or zero3_enabled() or is_partitioned(self.base_layer.weight)
-        if self._partitioned:
+        partitioned = self._partitioned or zero3_enabled() or is_partitioned(self.base_layer.weight)
+        if partitioned:  # checked before anything changes
             self._check_partitioned(adapter_name, in_place)
             keep_reference = False  # disabling is refused under ZeRO-3 (see enable_adapters)
+        self._partitioned = partitioned
+        self.text_vocab_size[adapter_name] = text_vocab_size
         if self.tied_to is not None:
             sync_size_attributes(self.base_layer)
             return
