@@ -173,7 +173,8 @@ def prepare_peers(paths: Paths, params: Params) -> dict[str, float]:
     """Save each peer adapter (``peer_config``) made on the resized base whose new rows are the adapter's: the
     merged checkpoint (bit-identical to resize + copy the rows, see the load cases' logits), so that a peer's
     saved rows are ours and its logits after load can be compared with the legacy recipe's. LoRA's B starts at
-    zero: it changes nothing. Those already there are kept."""
+    zero: it changes nothing. Saved without the resized matrices (``save_embedding_layers=False``: the user resizes
+    the base before loading anyway), PEFT's smallest adapter for each way. Those already there are kept."""
     from peft import get_peft_model
 
     timings = {}
@@ -186,7 +187,9 @@ def prepare_peers(paths: Paths, params: Params) -> dict[str, float]:
 
         model = AutoModelForCausalLM.from_pretrained(paths.merged, dtype=DTYPE)
         model.name_or_path = str(paths.base)  # what PEFT records as the adapter's base_model_name_or_path
-        get_peft_model(model, peer_config(kind, params.shape)).save_pretrained(out)
+        # PEFT's default (save_embedding_layers='auto') would also save the whole resized embedding and lm_head,
+        # the vocabulary having grown (3.09 GB / 8.06 GB at Qwen3-8B's shapes): the peers' best case is without
+        get_peft_model(model, peer_config(kind, params.shape)).save_pretrained(out, save_embedding_layers=False)
         del model
         gc.collect()
         timings[f"peer_{kind}_s"] = time.perf_counter() - start
