@@ -56,7 +56,8 @@ def test_json_schema(quick_run):
     for case in (*sweep, "cache-2L", "cache-3L", "head-map", "head-copy", "head-plain", "load-legacy-nomean",
                  "load-legacy", "inference", "train-ours", "train-legacy", "convert-ours", "convert-plain",
                  "merge-ours-2L", "merge-peft-2L", "merge-floor-2L", "extract-2L", "switch", "head-loss-fused",
-                 "head-loss-unfused"):
+                 "head-loss-unfused", "load-peer-trainable-tokens", "load-peer-lora-modules-to-save",
+                 "train-peer-trainable-tokens", "train-peer-lora-modules-to-save"):
         assert report["raw"][case], case
     switch = report["switch"]
     assert switch["switch_s"] > 0 and switch["copy_s"] > 0 and switch["rows_bytes"] > 0
@@ -78,7 +79,9 @@ def test_json_schema(quick_run):
         set(row) >= {"measurement", "kind", "ours", "reference", "ratio", "target", "met", "unit"} for row in rows
     )
     targets = [row for row in rows if row["kind"] == "target"]
-    assert len(targets) == report["targets_total"] == 13
+    assert len(targets) == report["targets_total"] == 19  # 13 + 6 against PEFT's own ways (issue #26)
+    peer_rows = [row for row in rows if row["measurement"].startswith("peers, ")]
+    assert [row["kind"] for row in peer_rows] == ["target", "target", "info", "target", "target", "target", "target"]
     # merge time: a target against the copy floor, PEFT's way beside it as information (issue #26)
     merge_rows = {row["measurement"]: row["kind"] for row in rows if row["measurement"].startswith("merge + write")}
     assert merge_rows == {

@@ -5,8 +5,9 @@ Cases: load (+ the first forwards) of ours / merged at each depth of the sweep a
 extended head's build (mapped, copied, plain copy), inference (prefill + greedy decode, ours vs merged),
 training step (ours vs the legacy recipe), conversion (``convert_legacy`` vs torch.load + save_file), merge
 (``uti_peft.merge_adapter`` vs the copy limit: a kernel copy of the base + the rows written; and, as information,
-vs PEFT's ``merge_and_unload`` + ``save_pretrained``), extract (the merged checkpoint back to rows, beside merge).
-``CASES`` names them all.
+vs PEFT's ``merge_and_unload`` + ``save_pretrained``), extract (the merged checkpoint back to rows, beside merge),
+and PEFT's own ways of training the new rows (``PEERS``: TrainableTokens, LoRA + ``modules_to_save``): their load
+and training step beside ours. ``CASES`` names them all.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from .params import DTYPE, Params, Paths, Shape
+from .params import DTYPE, PEERS, Params, Paths, Shape
 from .probes import dir_bytes, kill_after, probe_ids, proc_status, reset_peak_rss, steady_memory, tensor_sha256
 
 
@@ -99,6 +100,23 @@ def load_merged(paths: Paths, params: Params, layers: Optional[int] = None, phas
     return model
 
 
+def load_peer(kind: str, paths: Paths, params: Params, phases: Optional[dict] = None):
+    """One of PEFT's own ways (``PEERS``), loaded as its user must: the base, ``resize_token_embeddings(vocab_size)``
+    (``mean_resizing=False``: the adapter overwrites every new row, and transformers' default mean-resizing takes
+    minutes at these shapes, see load-legacy), then ``PeftModel.from_pretrained`` of the peer's adapter."""
+    from peft import PeftModel
+
+    phases = {} if phases is None else phases
+    start = time.perf_counter()
+    base = load_base(paths.base)
+    phases["base_s"] = time.perf_counter() - start
+    base.resize_token_embeddings(params.shape.vocab_size, mean_resizing=False)
+    phases["resize_s"] = time.perf_counter() - start - phases["base_s"]
+    model = PeftModel.from_pretrained(base, paths.peer(kind))
+    phases["from_pretrained_s"] = time.perf_counter() - start - phases["base_s"] - phases["resize_s"]
+    return model
+
+
 def legacy_patch(model, paths: Paths, shape: Shape, mean_resizing: Optional[bool]):
     """The legacy loader (tests/conftest.py legacy_patch): resize to text_vocab_size, then to vocab_size,
     copy the rows of ``trainable_rows.pt`` in. ``mean_resizing=None`` leaves transformers' default (True)."""
@@ -126,7 +144,7 @@ def load_legacy_nomean(paths: Paths, params: Params):
 def case_load(kind: str, paths: Paths, params: Params, layers: Optional[int] = None) -> dict[str, Any]:
     """Time load + the first forward of ``load_probe_tokens`` ids (last-token logits, as ``generate`` does), then
     ``warm_forwards - 1`` more of the same forward (how the first ones after a load compare), then read steady and
-    peak RSS. Ours and merged also report the load's phases."""
+    peak RSS. Ours, merged and the peers (``PEERS``: base, resize, PEFT's load) also report the load's phases."""
     import_model_stack()
     before = proc_status()["VmRSS"]
     peak_reset = reset_peak_rss()
@@ -137,6 +155,8 @@ def case_load(kind: str, paths: Paths, params: Params, layers: Optional[int] = N
     start = time.perf_counter()
     if kind in ("ours", "merged"):
         model = (load_ours if kind == "ours" else load_merged)(paths, params, layers, phases)
+    elif kind in PEERS:
+        model = load_peer(kind, paths, params, phases)
     else:
         model = (load_legacy_default if kind == "legacy" else load_legacy_nomean)(paths, params)
     loaded = time.perf_counter()
@@ -274,6 +294,14 @@ def ours_training_model(paths: Paths, params: Params):
     return PeftModel.from_pretrained(load_base(paths.base), paths.adapter, is_trainable=True)
 
 
+def peer_training_model(kind: str, paths: Paths, params: Params):
+    """One of PEFT's own ways (``PEERS``) loaded trainable on the resized model: as in `legacy_training_model`, the
+    merged checkpoint stands for the resized base (the peer's adapter overwrites the new rows either way)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_merged(paths, params), paths.peer(kind), is_trainable=True)
+
+
 def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Bytes of gradients (params holding .grad) and of every tensor in the optimizer state."""
     unique = {id(p): p for p in model.parameters()}.values()
@@ -312,7 +340,10 @@ def case_train(kind: str, paths: Paths, params: Params) -> dict[str, Any]:
     of 1 x ``train_seq_len`` ids; the gradient and optimizer-state bytes are read at the last step, before
     ``zero_grad``."""
     import_model_stack()
-    model = (ours_training_model if kind == "ours" else legacy_training_model)(paths, params)
+    if kind in PEERS:
+        model = peer_training_model(kind, paths, params)
+    else:
+        model = (ours_training_model if kind == "ours" else legacy_training_model)(paths, params)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     batch = probe_ids(params.shape, params.train_seq_len, params.seed + 2)
@@ -544,6 +575,8 @@ CASES: dict[str, Callable[[Paths, Params], dict[str, Any]]] = {
     **{f"head-loss-{kind}": (lambda p, q, kind=kind: case_head_loss(kind, p, q)) for kind in ("fused", "unfused")},
     "train-ours": lambda p, q: case_train("ours", p, q),
     "train-legacy": lambda p, q: case_train("legacy", p, q),
+    **{f"load-peer-{kind}": (lambda p, q, kind=kind: case_load(kind, p, q)) for kind in PEERS},
+    **{f"train-peer-{kind}": (lambda p, q, kind=kind: case_train(kind, p, q)) for kind in PEERS},
     "convert-ours": lambda p, q: case_convert("ours", p, q),
     "convert-plain": lambda p, q: case_convert("plain", p, q),
     **{f"merge-{kind}-{n}L": (lambda p, q, kind=kind, n=n: case_merge(kind, n, p, q))

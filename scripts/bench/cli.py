@@ -19,7 +19,7 @@ from .cases import CASES, LAYER_CHOICES, run_cases_here
 from .params import QUICK_SHAPE, Params, Paths, Shape
 from .report import build_report, markdown
 from .runner import Runner, schedule
-from .workdir import prepare_depths, prepare_workdir
+from .workdir import prepare_depths, prepare_peers, prepare_workdir
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -105,6 +105,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"setup in {workdir}", file=sys.stderr, flush=True)
         setup = prepare_workdir(paths, params)
         setup.update(prepare_depths(paths, params))
+        setup.update(prepare_peers(paths, params))
         print(f"  {json.dumps({k: round(v, 1) for k, v in setup.items()})}", file=sys.stderr, flush=True)
         runner = Runner(workdir, params)
         runner.run(schedule(params))

@@ -13,6 +13,9 @@ from typing import Any
 import torch
 
 DTYPE = torch.bfloat16
+# PEFT's own ways of training the new rows (issue #26): TrainableTokens on the new ids, and LoRA with the whole
+# embedding and lm_head in modules_to_save; each saved once in the work dir (``Paths.peer``)
+PEERS = ("trainable-tokens", "lora-modules-to-save")
 DTYPE_BYTES = 2
 MB = 1_000_000
 PARAMS_NAME = "bench_params.json"
@@ -120,6 +123,10 @@ class Paths:
     @property
     def legacy_pt(self) -> Path:
         return self.legacy / "trainable_rows.pt"
+
+    def peer(self, kind: str) -> Path:
+        """The adapter of one of PEFT's own ways (``PEERS``), made on the resized base."""
+        return self.root / f"peer-{kind}"
 
     def scratch(self, name: str) -> Path:
         return self.root / "scratch" / name

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from .params import DTYPE_BYTES, MB, Params, Paths, Shape
+from .params import DTYPE_BYTES, MB, PEERS, Params, Paths, Shape
 from .probes import RSS_METHOD, dir_bytes
 from .runner import Runner
 
@@ -335,6 +335,67 @@ def merge_section(runner: Runner, params: Params) -> tuple[dict[str, Any], list[
     return section, rows
 
 
+def peers_section(runner: Runner, paths: Paths, params: Params) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """bench.json's ``peers`` section and its rows (issue #26): uti-peft against PEFT's own ways of training the new
+    rows (``PEERS``), per axis against the best peer on that axis (the goal: at least as good as the best): load +
+    first forward time, steady and peak RSS (the load cases at the main depth; peers resize the base first),
+    training step time and gradient + optimizer-state bytes, adapter bytes on disk, and whether the last-token
+    logits after load equal the legacy recipe's (the same digest)."""
+    ours_load = load_medians(runner, f"load-ours-{params.shape.layers}L")
+
+    def digests(case: str) -> set:
+        return {r["logits_sha256"] for r in runner.results.get(case, []) if r.get("logits_sha256")}
+
+    legacy = digests("load-legacy-nomean") | digests("load-legacy")
+
+    def equal_to_legacy(case: str) -> Optional[bool]:
+        found = digests(case)
+        return None if not found or not legacy else found == legacy
+
+    def measures(load_case: str, train_case: str, adapter) -> dict[str, Any]:
+        load, train = load_medians(runner, load_case), runner.first(train_case)
+        return {"load_s": load["seconds"], "steady_rss_bytes": load["steady_rss_bytes"],
+                "peak_rss_bytes": load["peak_rss_bytes"], "phases": load["phases"],
+                "train_step_s": median(train.get("step_s", [])), "state_bytes": train.get("state_bytes"),
+                "trainable_params": train.get("trainable_params"), "train_peak_rss_bytes": train.get("peak_rss_bytes"),
+                "adapter_bytes": dir_bytes(adapter) if adapter.is_dir() else None,
+                "logits_equal_legacy": equal_to_legacy(load_case)}
+
+    ours = measures(f"load-ours-{params.shape.layers}L", "train-ours", paths.adapter)
+    ours["load_s"], ours["phases"] = ours_load["seconds"], ours_load["phases"]
+    peers = {kind: measures(f"load-peer-{kind}", f"train-peer-{kind}", paths.peer(kind)) for kind in PEERS}
+    rows = []
+    for key, label, unit, goal in (
+            ("load_s", "load + first forward (s), peers resizing the base first", "s", True),
+            ("steady_rss_bytes", "steady RSS after load + forward", "bytes", True),
+            ("peak_rss_bytes", "peak RSS during load + forward", "bytes", False),
+            ("train_step_s", "training step time (s)", "s", True),
+            ("state_bytes", "gradient + optimizer state bytes", "bytes", True),
+            ("adapter_bytes", "adapter bytes on disk", "bytes", True)):
+        measured = {kind: data[key] for kind, data in peers.items() if data[key] is not None}
+        best = min(measured, key=measured.get, default=None)
+        name = f"peers, {label}: ours vs the best peer ({best or 'none measured'})"
+        reference = None if best is None else measured[best]
+        if goal:
+            rows.append(ratio_target(name, ours[key], reference, "<= 1.0", unit))
+        else:
+            rows.append(info(name, ours[key], reference, ratio(ours[key], reference), unit))
+    equal = {kind: data["logits_equal_legacy"] for kind, data in peers.items()}
+    rows.append(target("peers, last-token logits after load == the legacy recipe's (torch.equal via digest)",
+                       ours["logits_equal_legacy"], ", ".join(f"{k}: {fmt(v, '')}" for k, v in equal.items()), None,
+                       "ours equal", ours["logits_equal_legacy"]))
+    section = {"ours": ours, "peers": peers, "legacy_logits_sha256": sorted(legacy),
+               "recipes": {"trainable-tokens": "base + resize_token_embeddings(vocab_size, mean_resizing=False) + "
+                                               "PeftModel.from_pretrained of a TrainableTokensConfig(target_modules="
+                                               "['embed_tokens', 'lm_head'], token_indices=text_vocab..vocab_size-1) "
+                                               "adapter",
+                           "lora-modules-to-save": "base + resize + PeftModel.from_pretrained of a LoraConfig(r=8, "
+                                                   "q_proj, modules_to_save=['embed_tokens', 'lm_head']) adapter",
+                           "training": "as the peer's load but on the merged checkpoint (the resized base), "
+                                       "is_trainable=True; the step as train-ours"}}
+    return section, rows
+
+
 def machine_info() -> dict[str, Any]:
     """CPU, cores, RAM and library versions: what a timing depends on besides the code."""
     import peft
@@ -372,6 +433,8 @@ def fmt(value: Any, unit: str) -> str:
     """One table cell: bytes as MB, seconds with 3 decimals, text as it is, None as n/a."""
     if value is None:
         return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, str):
         return value
     if unit == "bytes":
@@ -452,6 +515,12 @@ def notes(params: Params) -> list[str]:
                "checkpoint costs at the least on this machine; PEFT's way is information. uti-peft merge alternates "
                "with each of them, so it runs twice as often; its median covers all its runs. The machine is shared: "
                "timings are noisy.")
+    out.append("Peers (issue #26): PEFT's TrainableTokens (the new ids, embedding and untied lm_head) and LoRA "
+               "(q_proj) with modules_to_save=['embed_tokens', 'lm_head'], each saved once from the resized model "
+               "whose new rows are the adapter's. Their loads resize the base first (resize_token_embeddings("
+               "vocab_size, mean_resizing=False): the user's step; the adapter overwrites the new rows) and alternate "
+               "with ours at the main depth; their training steps load the merged checkpoint as the resized base, "
+               "as the legacy recipe does. Each axis is compared with the best peer on it.")
     if not params.quick:
         out.append("On CPUs without native bf16 (AVX2), PyTorch's bf16 matmul grad_out @ weight with K = vocab (the "
                    "lm_head's input gradient) runs at ~0.3 GFLOP/s (~20 s per token at this shape): the legacy recipe "
@@ -471,7 +540,9 @@ def build_report(runner: Runner, paths: Paths, params: Params, setup: dict, star
     train, train_rows = training_section(runner, params.shape)
     size, size_rows = size_section(runner, paths, params.shape)
     merge, merge_rows = merge_section(runner, params)
-    table = load_rows + head_rows + infer_rows + switch_rows + head_loss_rows + train_rows + size_rows + merge_rows
+    peers, peers_rows = peers_section(runner, paths, params)
+    table = (load_rows + head_rows + infer_rows + switch_rows + head_loss_rows + train_rows + size_rows + merge_rows
+             + peers_rows)
     targets = [row for row in table if row["kind"] == "target"]
     return {
         "machine": machine_info(),
@@ -486,6 +557,7 @@ def build_report(runner: Runner, paths: Paths, params: Params, setup: dict, star
         "training": train,
         "size_and_conversion": size,
         "merge": merge,
+        "peers": peers,
         "raw": runner.results,
         "table": table,
         "targets_met": sum(bool(row["met"]) for row in targets),

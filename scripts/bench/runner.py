@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .params import Params
+from .params import PEERS, Params
 
 # the entry point the child processes run: scripts/bench.py, beside this package
 ENTRY_POINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench.py")
@@ -81,8 +81,8 @@ class Runner:
 
 
 def alternating(pair: list[str], reps: int, timeout: float) -> list[tuple[str, float]]:
-    """``reps`` repetitions of ours and its reference, the one that goes first swapping each time (ABBA...), so
-    that neither always runs in the same position (warm caches, load of a shared machine)."""
+    """``reps`` repetitions of ours and its reference(s), the order reversed each time (ABBA..., ABCCBA...), so
+    that none always runs in the same position (warm caches, load of a shared machine)."""
     return [(name, timeout) for rep in range(reps) for name in (pair if rep % 2 == 0 else pair[::-1])]
 
 
@@ -96,7 +96,11 @@ def schedule(params: Params) -> list[tuple[str, float]]:
         steps += alternating([f"load-ours-{layers}L", f"load-merged-{layers}L"], params.load_reps, budget)
     steps += [(f"head-{kind}", budget) for _ in range(params.reps) for kind in ("map", "copy", "plain")]
     steps.append(("load-legacy-nomean", budget))  # informational, once
+    # PEFT's own ways beside ours at the main depth, the three rotating which goes first (issue #26)
+    steps += alternating([f"load-ours-{params.shape.layers}L", *(f"load-peer-{kind}" for kind in PEERS)],
+                         params.reps, budget)
     steps += [("inference", budget), ("switch", budget), ("train-ours", budget), ("train-legacy", budget)]
+    steps += [(f"train-peer-{kind}", budget) for kind in PEERS]
     steps += alternating(["head-loss-fused", "head-loss-unfused"], params.reps, budget)
     steps += alternating(["convert-ours", "convert-plain"], params.reps, budget)
     for layers in params.merge_layers:

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from .params import DTYPE, Params, Paths, Shape
+from .params import DTYPE, PEERS, Params, Paths, Shape
 
 
 def qwen3_config(shape: Shape):
@@ -86,7 +86,8 @@ def prepare_workdir(paths: Paths, params: Params) -> dict[str, float]:
     from uti_peft.tiny import build_token_space
 
     other_depths = [*paths.root.glob("base-*L"), *paths.root.glob("merged-*L")]  # built for another shape or seed
-    for p in (paths.base, paths.adapter, paths.merged, paths.legacy, paths.root / "scratch", *other_depths):
+    peers = [paths.peer(kind) for kind in PEERS]  # made on the old base
+    for p in (paths.base, paths.adapter, paths.merged, paths.legacy, paths.root / "scratch", *other_depths, *peers):
         shutil.rmtree(p, ignore_errors=True)
     paths.root.mkdir(parents=True, exist_ok=True)
     shape, timings = params.shape, {}
@@ -149,4 +150,47 @@ def prepare_depths(paths: Paths, params: Params) -> dict[str, float]:
         start = time.perf_counter()
         uti_peft.merge_adapter(paths.base_of(params, layers), paths.adapter, path, progress=False)
         timings[f"merge_{layers}L_s"] = time.perf_counter() - start
+    return timings
+
+
+def peer_config(kind: str, shape: Shape):
+    """The PEFT config of one of PEFT's own ways (``PEERS``) of training the new rows of a base resized to
+    ``vocab_size``: ``TrainableTokens`` on the new ids (the base's padding rows past the text vocabulary included,
+    as a single ``resize_token_embeddings(vocab_size)`` leaves them), in the embedding and, the base being untied, in
+    the lm_head too (targeting the embedding only would train the input rows alone and leave the head's new rows at
+    the resize's values); or LoRA (r 8, on q_proj) with the whole embedding and lm_head in ``modules_to_save``."""
+    from peft import LoraConfig, TrainableTokensConfig
+
+    if kind == "trainable-tokens":
+        return TrainableTokensConfig(target_modules=["embed_tokens", "lm_head"],
+                                     token_indices=list(range(shape.text_vocab, shape.vocab_size)))
+    if kind == "lora-modules-to-save":
+        return LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    raise ValueError(f"unknown peer {kind!r}")
+
+
+def prepare_peers(paths: Paths, params: Params) -> dict[str, float]:
+    """Save each peer adapter (``peer_config``) made on the resized base whose new rows are the adapter's: the
+    merged checkpoint (bit-identical to resize + copy the rows, see the load cases' logits), so that a peer's
+    saved rows are ours and its logits after load can be compared with the legacy recipe's. LoRA's B starts at
+    zero: it changes nothing. Saved without the resized matrices (``save_embedding_layers=False``: the user resizes
+    the base before loading anyway), PEFT's smallest adapter for each way. Those already there are kept."""
+    from peft import get_peft_model
+
+    timings = {}
+    for kind in PEERS:
+        out = paths.peer(kind)
+        if (out / "adapter_config.json").is_file():
+            continue
+        start = time.perf_counter()
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(paths.merged, dtype=DTYPE)
+        model.name_or_path = str(paths.base)  # what PEFT records as the adapter's base_model_name_or_path
+        # PEFT's default (save_embedding_layers='auto') would also save the whole resized embedding and lm_head,
+        # the vocabulary having grown (3.09 GB / 8.06 GB at Qwen3-8B's shapes): the peers' best case is without
+        get_peft_model(model, peer_config(kind, params.shape)).save_pretrained(out, save_embedding_layers=False)
+        del model
+        gc.collect()
+        timings[f"peer_{kind}_s"] = time.perf_counter() - start
     return timings
