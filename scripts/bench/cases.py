@@ -24,7 +24,9 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from .params import DTYPE, PEERS, Params, Paths, Shape
-from .probes import dir_bytes, kill_after, probe_ids, proc_status, reset_peak_rss, steady_memory, tensor_sha256
+from .probes import (
+    ScratchJob, dir_bytes, kill_after, probe_ids, proc_status, reset_peak_rss, steady_memory, tensor_sha256,
+)
 
 
 def import_model_stack() -> None:
@@ -430,22 +432,16 @@ def case_merge(kind: str, layers: int, paths: Paths, params: Params) -> dict[str
     import_model_stack()
     from uti_peft import merge_adapter  # its modules imported before the clock
 
-    before = proc_status()["VmRSS"]
-    peak_reset = reset_peak_rss()
-    base, out = paths.base_of(params, layers), paths.scratch(f"merge-{kind}-{layers}L-{os.getpid()}")
-    shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
+    base = paths.base_of(params, layers)
+    job = ScratchJob(paths.scratch(f"merge-{kind}-{layers}L-{os.getpid()}"))
     if kind == "ours":
-        merge_adapter(base, paths.adapter, out, progress=False)
+        merge_adapter(base, paths.adapter, job.out, progress=False)
     else:
         from peft import PeftModel
 
-        PeftModel.from_pretrained(load_base(base), paths.adapter).merge_and_unload().save_pretrained(out)
-    seconds = time.perf_counter() - start
-    peak = proc_status()["VmHWM"]
-    result = {"seconds": seconds, "peak_rss_bytes": peak, "rss_after_imports_bytes": before, "peak_reset": peak_reset,
-              "written_bytes": dir_bytes(out), "tensors_sha256": merged_tensors_sha256(out)}
-    shutil.rmtree(out, ignore_errors=True)
+        PeftModel.from_pretrained(load_base(base), paths.adapter).merge_and_unload().save_pretrained(job.out)
+    result = {**job.stop(), "written_bytes": dir_bytes(job.out), "tensors_sha256": merged_tensors_sha256(job.out)}
+    job.remove()
     return result
 
 
@@ -459,21 +455,15 @@ def case_merge_floor(layers: int, paths: Paths, params: Params) -> dict[str, Any
     import_model_stack()  # the same RSS baseline as case_merge
     from safetensors.torch import load_file, save_file
 
-    before = proc_status()["VmRSS"]
-    peak_reset = reset_peak_rss()
-    base, out = paths.base_of(params, layers), paths.scratch(f"merge-floor-{layers}L-{os.getpid()}")
-    shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
-    out.mkdir(parents=True)
+    base = paths.base_of(params, layers)
+    job = ScratchJob(paths.scratch(f"merge-floor-{layers}L-{os.getpid()}"))
+    job.out.mkdir(parents=True)
     for path in sorted(base.iterdir()):
         if path.is_file():
-            shutil.copyfile(path, out / path.name)
-    save_file(load_file(str(paths.adapter / "adapter_model.safetensors")), str(out / "rows.safetensors"))
-    seconds = time.perf_counter() - start
-    peak = proc_status()["VmHWM"]
-    result = {"seconds": seconds, "peak_rss_bytes": peak, "rss_after_imports_bytes": before, "peak_reset": peak_reset,
-              "written_bytes": dir_bytes(out)}
-    shutil.rmtree(out, ignore_errors=True)
+            shutil.copyfile(path, job.out / path.name)
+    save_file(load_file(str(paths.adapter / "adapter_model.safetensors")), str(job.out / "rows.safetensors"))
+    result = {**job.stop(), "written_bytes": dir_bytes(job.out)}
+    job.remove()
     return result
 
 
@@ -488,21 +478,15 @@ def case_extract(layers: int, paths: Paths, params: Params) -> dict[str, Any]:
     base, source = paths.base_of(params, layers), paths.merged_of(params, layers)
     if not (source / "config.json").is_file():  # a merge-only depth: its merged checkpoint, made once, untimed
         merge_adapter(base, paths.adapter, source, progress=False)
-    before = proc_status()["VmRSS"]
-    peak_reset = reset_peak_rss()
-    out = paths.scratch(f"extract-{layers}L-{os.getpid()}")
-    shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
+    job = ScratchJob(paths.scratch(f"extract-{layers}L-{os.getpid()}"))
     # the bench's merged checkpoints carry no token space nor tokenizer: the adapter's token space says the rows
-    extract_adapter(base, source, out, token_space=paths.adapter / "token_space.json", progress=False)
-    seconds = time.perf_counter() - start
-    peak = proc_status()["VmHWM"]
+    extract_adapter(base, source, job.out, token_space=paths.adapter / "token_space.json", progress=False)
+    result = job.stop()
     rows_file = "adapter_model.safetensors"
-    identical = (out / rows_file).read_bytes() == (paths.adapter / rows_file).read_bytes()
-    result = {"seconds": seconds, "peak_rss_bytes": peak, "rss_after_imports_bytes": before, "peak_reset": peak_reset,
-              "read_bytes": dir_bytes(source) + dir_bytes(base), "written_bytes": dir_bytes(out),
-              "rows_identical": identical}
-    shutil.rmtree(out, ignore_errors=True)
+    identical = (job.out / rows_file).read_bytes() == (paths.adapter / rows_file).read_bytes()
+    result.update({"read_bytes": dir_bytes(source) + dir_bytes(base), "written_bytes": dir_bytes(job.out),
+                   "rows_identical": identical})
+    job.remove()
     return result
 
 

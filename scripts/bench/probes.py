@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import shutil
 import signal
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -78,3 +81,25 @@ def kill_after(seconds: float) -> None:
     call; 0 disarms. The parent reads the signal as "timed out after exactly that long"."""
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     signal.setitimer(signal.ITIMER_REAL, seconds)
+
+
+class ScratchJob:
+    """One timed job that writes into a fresh scratch directory: the clock and the peak RSS (reset here) start at
+    construction, `stop` reads them, `remove` deletes what the job wrote. The merge, copy-floor and extract cases
+    measure alike through it."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        shutil.rmtree(out, ignore_errors=True)
+        self.rss_before = proc_status()["VmRSS"]
+        self.peak_reset = reset_peak_rss()
+        self.start = time.perf_counter()
+
+    def stop(self) -> dict[str, Any]:
+        """Seconds since construction, peak RSS, RSS when it started (after the imports), whether the peak was reset."""
+        seconds = time.perf_counter() - self.start
+        return {"seconds": seconds, "peak_rss_bytes": proc_status()["VmHWM"], "rss_after_imports_bytes": self.rss_before,
+                "peak_reset": self.peak_reset}
+
+    def remove(self) -> None:
+        shutil.rmtree(self.out, ignore_errors=True)
