@@ -525,6 +525,17 @@ def test_unsupported_launch_setups_are_refused_at_start(data_file, tmp_path, cap
     assert not (tmp_path / "out").exists()
 
 
+def test_deepspeed_without_a_launcher_or_config_is_refused_at_start(data_file, tmp_path, capsys, monkeypatch):
+    """Outside torchrun DeepSpeed would look for MPI to find its peers; a missing config is a path error."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    config = os.path.join(REPO, "scripts", "deepspeed", "zero2.json")
+    for given, message in ((tmp_path / "none.json", "--deepspeed"), (config, "start the command with torchrun")):
+        assert cli_train(data_file, tmp_path / "out", "--deepspeed", given) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("uti-peft train: error: ") and message in err and err.count("\n") == 1
+        assert not (tmp_path / "out").exists()
+
+
 def test_resume_under_fsdp2_continues_exactly(tmp_path, global_batch, launched):
     """An FSDP2 checkpoint (accelerate's FSDP model and optimizer files, plus the adapter) resumes to the straight
     run bit for bit; the resumed run starts from other rows (``--init-rows mean``), so only the checkpoint can make

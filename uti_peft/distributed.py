@@ -27,7 +27,7 @@ forward) sees the trained rows.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import torch
 from torch import nn
@@ -60,11 +60,17 @@ def fsdp_requested() -> bool:
     return _env_flag("ACCELERATE_USE_FSDP")
 
 
-def check_launch_environment() -> None:
+def check_launch_environment(deepspeed_config: Optional[str] = None) -> None:
     """Refuse launch set-ups that cannot train rows correctly or were not tested; called before anything is loaded or
     written."""
     if _env_flag("ACCELERATE_USE_DEEPSPEED"):
         raise ValueError(DEEPSPEED_THROUGH_ACCELERATE)
+    if deepspeed_config and "WORLD_SIZE" not in os.environ:  # else DeepSpeed looks for MPI (mpi4py) to find its peers
+        raise ValueError(
+            f"--deepspeed {deepspeed_config}: DeepSpeed needs a launcher's environment (RANK, WORLD_SIZE, ...); start "
+            "the command with torchrun, e.g. torchrun --nproc_per_node 2 scripts/train.py --deepspeed ... "
+            "(--nproc_per_node 1 for one process)"
+        )
     version = os.environ.get("FSDP_VERSION", "1")
     if fsdp_requested() and version != "2":
         raise ValueError(

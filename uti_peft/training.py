@@ -360,7 +360,7 @@ def train(args: argparse.Namespace) -> RowExtensionTrainer:
     `uti_peft.output_dir.check_output_dir`), before the model is loaded; the run's marker is written once the
     model, the data and the Trainer are ready, and a start that fails before removes a directory it created.
     """
-    check_launch_environment()
+    check_launch_environment(args.deepspeed)
     plan = check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, args.init_adapter)
     try:
         trainer, examples = _build_trainer(args)

@@ -202,11 +202,12 @@ def check_train(args: argparse.Namespace) -> None:
         model_source(args.init_adapter, "--init-adapter")
     existing_file(args.data, "--data")
     existing_file(args.token_space, "--token-space")
+    existing_file(args.deepspeed, "--deepspeed")
     if args.rank_state_dir:
         writable_dir(args.rank_state_dir, "--rank-state-dir")
     from ..distributed import check_launch_environment
 
-    check_launch_environment()
+    check_launch_environment(args.deepspeed)
     bound_hub_requests()
     space = token_space_for(args.token_space, args.init_adapter, args.base, tiny=bool(args.tiny),
                             adapter_option="--init-adapter")
