@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import uti_peft.memory as memory
 from uti_peft.memory import _file_mapping_of, copy_releasing_source, extended_matrix, map_file_rows, same_file_bytes
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="/proc/self/smaps and madvise are Linux's")
@@ -25,6 +26,20 @@ def mapped_matrix(path, rows: int = 4096, cols: int = 1024, header: int = 0) -> 
     nbytes = header + values.numel() * 4
     storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=nbytes)
     return values, torch.tensor([], dtype=torch.float32).set_(storage, header // 4, values.shape)
+
+
+@pytest.fixture(params=["scan", "pagemap"])
+def page_check(request, monkeypatch):
+    """Which way "never written" is asked: the kernel's PAGEMAP_SCAN walk (Linux >= 6.7) or /proc/self/pagemap read
+    entry by entry (older kernels). Both must tell the same pages apart."""
+    if request.param == "pagemap":
+        monkeypatch.setattr(memory, "_scan_for_own_pages", lambda span, pagemap: None)
+    else:
+        with open("/proc/self/pagemap", "rb") as f:
+            span = (id(f), id(f) + 1)
+            if memory._scan_for_own_pages(span, f.fileno()) is None:
+                pytest.skip("this kernel has no PAGEMAP_SCAN ioctl")
+    return request.param
 
 
 def mapped_ranges() -> set[int]:
@@ -106,7 +121,7 @@ def test_extension_maps_the_kept_rows_from_the_file_without_copying_them(tmp_pat
     assert start not in mapped_ranges()  # the whole range went with the tensor
 
 
-def test_extension_copies_what_is_not_a_clean_file_mapping(tmp_path):
+def test_extension_copies_what_is_not_a_clean_file_mapping(tmp_path, page_check):
     values, mapped = mapped_matrix(tmp_path / "weights.bin", rows=600, cols=128)
     mapped[10, 3] = 42.0  # written: the mapping no longer reads the file there
     assert map_file_rows(mapped, 500, 700) is None
@@ -120,11 +135,12 @@ def test_extension_copies_what_is_not_a_clean_file_mapping(tmp_path):
     assert map_file_rows(mapped[:, :64], 500, 700) is None  # not contiguous
 
 
-def test_same_file_bytes_needs_the_same_unwritten_bytes_of_one_file(tmp_path):
+def test_same_file_bytes_needs_the_same_unwritten_bytes_of_one_file(tmp_path, page_check):
     values, first = mapped_matrix(tmp_path / "weights.bin", rows=600, cols=128)
     _, second = mapped_matrix(tmp_path / "weights.bin", rows=600, cols=128)  # a second mapping of the same file
     _, other_file = mapped_matrix(tmp_path / "copy.bin", rows=600, cols=128)
     assert first.data_ptr() != second.data_ptr()
+    assert first.sum() == second.sum()  # read: the pages are in memory now, as the file's own
     assert same_file_bytes(first, second)
     assert same_file_bytes(first[100:200], second[100:200])
     assert not same_file_bytes(first[100:200], second[101:201])  # other rows

@@ -199,8 +199,12 @@ def _clean_mapping(span: tuple[int, int], headers: list[re.Match], pagemap: int)
 
 def _never_written(span: tuple[int, int], pagemap: int) -> bool:
     """Whether no page of ``span`` (in a private file mapping) is this process's own copy: each is either not in
-    memory or the file's page-cache page. In each 64-bit pagemap entry bit 63 says present, 62 swapped (only
-    private copies swap) and 61 file page."""
+    memory or the file's page-cache page. Asked of the kernel's page-table walk (`_scan_for_own_pages`) where it
+    has one, else read entry by entry from /proc/self/pagemap: in each 64-bit entry bit 63 says present, 62 swapped
+    (only private copies swap) and 61 file page."""
+    found = _scan_for_own_pages(span, pagemap)
+    if found is not None:
+        return not found
     page = mmap.PAGESIZE
     first, last = span[0] // page, (span[1] - 1) // page
     entries = bytearray((last - first + 1) * 8)
@@ -208,6 +212,43 @@ def _never_written(span: tuple[int, int], pagemap: int) -> bool:
         return False
     top_bits = torch.frombuffer(entries, dtype=torch.uint8)[7::8] >> 5  # little-endian: bits 61..63 of each entry
     return not bool(((top_bits != 0) & (top_bits != 0b101)).any())  # absent, or present as a file page
+
+
+class _PageScan(ctypes.Structure):
+    """``struct pm_scan_arg`` of linux/fs.h (the ``PAGEMAP_SCAN`` ioctl, Linux >= 6.7)."""
+
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages", "category_inverted",
+        "category_mask", "category_anyof_mask", "return_mask")]
+
+
+class _PageRegion(ctypes.Structure):
+    """``struct page_region`` of linux/fs.h: one run of pages ``PAGEMAP_SCAN`` matched."""
+
+    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64), ("categories", ctypes.c_uint64)]
+
+
+_PAGE_IS_FILE, _PAGE_IS_PRESENT, _PAGE_IS_SWAPPED = 1 << 2, 1 << 3, 1 << 4
+_PAGEMAP_SCAN = (3 << 30) | (ctypes.sizeof(_PageScan) << 16) | (ord("f") << 8) | 16  # _IOWR('f', 16, pm_scan_arg)
+
+
+def _scan_for_own_pages(span: tuple[int, int], pagemap: int) -> Optional[bool]:
+    """Whether any page of ``span`` is present but not a file page, or swapped (the process's own copy), asked
+    with one ``PAGEMAP_SCAN`` ioctl: the kernel walks the page tables and skips what was never faulted in, where
+    reading /proc/self/pagemap copies out 8 bytes per page (a 1.24 GB head: 2.4 MB). None where the kernel has no
+    such ioctl."""
+    page = mmap.PAGESIZE
+    found = _PageRegion()
+    scan = _PageScan(
+        size=ctypes.sizeof(_PageScan), start=span[0] // page * page, end=_round_up(span[1], page),
+        vec=ctypes.addressof(found), vec_len=1,
+        category_inverted=_PAGE_IS_FILE, category_mask=_PAGE_IS_FILE,  # not a file page ...
+        category_anyof_mask=_PAGE_IS_PRESENT | _PAGE_IS_SWAPPED,  # ... and in memory or swapped
+        return_mask=_PAGE_IS_FILE | _PAGE_IS_PRESENT | _PAGE_IS_SWAPPED,
+    )
+    libc = ctypes.CDLL(None, use_errno=True)
+    matched = libc.ioctl(pagemap, ctypes.c_ulong(_PAGEMAP_SCAN), ctypes.byref(scan))
+    return None if matched < 0 else matched > 0
 
 
 # "start-end perms offset major:minor inode [path]", one line per mapping

@@ -144,9 +144,9 @@ def load_legacy_nomean(paths: Paths, params: Params):
 
 
 def case_load(kind: str, paths: Paths, params: Params, layers: Optional[int] = None) -> dict[str, Any]:
-    """Time load + the first forward of ``load_probe_tokens`` ids (last-token logits, as ``generate`` does), then
-    ``warm_forwards - 1`` more of the same forward (how the first ones after a load compare), then read steady and
-    peak RSS. Ours, merged and the peers (``PEERS``: base, resize, PEFT's load) also report the load's phases."""
+    """Time load + the first forward of ``load_probe_tokens`` ids (text and new ids, ``use_cache=True``, last-token
+    logits: as ``generate``'s prefill runs it), then ``warm_forwards - 1`` more of the same forward (how the first
+    ones after a load compare), then read steady and peak RSS. Ours, merged and the peers (``PEERS``: base, resize, PEFT's load) also report the load's phases."""
     import_model_stack()
     before = proc_status()["VmRSS"]
     peak_reset = reset_peak_rss()
@@ -166,7 +166,7 @@ def case_load(kind: str, paths: Paths, params: Params, layers: Optional[int] = N
     with torch.no_grad():
         for _ in range(params.warm_forwards):
             begin = time.perf_counter()
-            logits = model(input_ids=ids, logits_to_keep=1).logits
+            logits = model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
             forwards.append(time.perf_counter() - begin)
             if len(forwards) == 1:
                 first_logits = logits

@@ -71,7 +71,7 @@ class Params:
     dtype: str = "bfloat16"
     load_probe_tokens: int = 128
     warm_forwards: int = 5  # forwards timed after each load: the first is part of "load + first forward"
-    load_reps: int = 5  # repetitions of each load case of the sweep (ours and merged alternating)
+    load_reps: int = 7  # repetitions of each load case of the sweep (ours and merged alternating)
     depths: tuple[int, ...] = (1, 4, 8)  # decoder-layer counts of the load sweep; the first is shape.layers
     merge_layers: tuple[int, ...] = (1, 4)
 
