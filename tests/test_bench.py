@@ -57,7 +57,9 @@ def test_json_schema(quick_run):
                  "load-legacy", "inference", "train-ours", "train-legacy", "convert-ours", "convert-plain",
                  "merge-ours-2L", "merge-peft-2L", "merge-floor-2L", "extract-2L", "switch", "head-loss-fused",
                  "head-loss-unfused", "load-peer-trainable-tokens", "load-peer-lora-modules-to-save",
-                 "train-peer-trainable-tokens", "train-peer-lora-modules-to-save"):
+                 "train-peer-trainable-tokens", "train-peer-lora-modules-to-save", "cache-tied", "load-ours-tied",
+                 "load-legacy-nomean-tied", "load-peer-trainable-tokens-tied", "load-peer-lora-modules-to-save-tied",
+                 "train-ours-tied", "train-peer-trainable-tokens-tied", "train-peer-lora-modules-to-save-tied"):
         assert report["raw"][case], case
     switch = report["switch"]
     assert switch["switch_s"] > 0 and switch["copy_s"] > 0 and switch["rows_bytes"] > 0
@@ -79,9 +81,10 @@ def test_json_schema(quick_run):
         set(row) >= {"measurement", "kind", "ours", "reference", "ratio", "target", "met", "unit"} for row in rows
     )
     targets = [row for row in rows if row["kind"] == "target"]
-    assert len(targets) == report["targets_total"] == 19  # 13 + 6 against PEFT's own ways (issue #26)
-    peer_rows = [row for row in rows if row["measurement"].startswith("peers, ")]
-    assert [row["kind"] for row in peer_rows] == ["target", "target", "info", "target", "target", "target", "target"]
+    assert len(targets) == report["targets_total"] == 25  # 13 + 2 x 6 against PEFT's own ways (issue #26)
+    for title in ("peers, ", "peers (tied base), "):  # untied and tied bases
+        peer_rows = [row for row in rows if row["measurement"].startswith(title)]
+        assert [row["kind"] for row in peer_rows] == ["target", "target", "info", "target", "target", "target", "target"]
     # merge time: a target against the copy floor, PEFT's way beside it as information (issue #26)
     merge_rows = {row["measurement"]: row["kind"] for row in rows if row["measurement"].startswith("merge + write")}
     assert merge_rows == {
@@ -129,6 +132,11 @@ def test_deterministic_facts(quick_run):
         assert len(digests(f"load-ours-{depth}L") | digests(f"load-merged-{depth}L")) == 1, depth
     assert digests("load-legacy-nomean") == digests(f"load-ours-{main}L")
     assert report["load"]["logits_identical_ours_merged_legacy"] is True
+    # the tied variant: ours loads exactly the legacy recipe's model, and trains one set of rows (embedding = head)
+    assert digests("load-legacy-nomean-tied") == digests("load-ours-tied")
+    assert report["peers_tied"]["ours"]["logits_equal_legacy"] is True
+    assert raw["train-ours-tied"][0]["grad_bytes"] == rows_bytes // 2
+    assert json.loads((work / "tied" / "base" / "config.json").read_text())["tie_word_embeddings"] is True
     tokens = raw["inference"][0]["tokens"]
     assert len(tokens["ours"]) == 1 + report["parameters"]["decode_steps"] and tokens["ours"] == tokens["merged"]
     assert report["inference"]["same_greedy_tokens"] is True

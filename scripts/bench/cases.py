@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from .params import DTYPE, PEERS, Params, Paths, Shape
+from .params import DTYPE, PEERS, Params, Paths, Shape, tied_params
 from .probes import (
     ScratchJob, dir_bytes, kill_after, probe_ids, proc_status, reset_peak_rss, steady_memory, tensor_sha256,
 )
@@ -128,7 +128,8 @@ def legacy_patch(model, paths: Paths, shape: Shape, mean_resizing: Optional[bool
     ckpt = torch.load(paths.legacy_pt, map_location="cpu", weights_only=True)
     with torch.no_grad():
         model.get_input_embeddings().weight[shape.text_vocab :] = ckpt["embeddings"]
-        model.get_output_embeddings().weight[shape.text_vocab :] = ckpt["lm_head"]
+        if ckpt.get("lm_head") is not None:  # none for a tied base: its one matrix has the embedding's rows
+            model.get_output_embeddings().weight[shape.text_vocab :] = ckpt["lm_head"]
     model.config.pad_token_id = json.loads(paths.token_space.read_text())["special_tokens"]["<|pad_mm|>"]
     return model
 
@@ -191,8 +192,19 @@ def case_cache(layers: int, paths: Paths, params: Params) -> dict[str, Any]:
     """Read the checkpoints one depth's load cases read (its base and merged checkpoint, the adapter) once, so that
     they are in the page cache, as after a download or an earlier run: the work dir of a sweep is larger than many
     machines' memory, and a file that was evicted would be timed as a disk read."""
+    return read_into_page_cache(paths.base_of(params, layers), paths.merged_of(params, layers), paths.adapter)
+
+
+def case_cache_tied(paths: Paths, params: Params) -> dict[str, Any]:
+    """`case_cache` for the tied variant's cases: its base, merged checkpoint, adapter and peers."""
+    tied = paths.tied
+    return read_into_page_cache(tied.base, tied.merged, tied.adapter, *(tied.peer(kind) for kind in PEERS))
+
+
+def read_into_page_cache(*directories: Path) -> dict[str, Any]:
+    """Read every safetensors file in ``directories`` once; returns the bytes read."""
     read = 0
-    for directory in (paths.base_of(params, layers), paths.merged_of(params, layers), paths.adapter):
+    for directory in directories:
         for path in sorted(directory.glob("*.safetensors")):
             with open(path, "rb") as f:
                 while chunk := f.read(64 << 20):
@@ -547,6 +559,11 @@ def case_head_loss(kind: str, paths: Paths, params: Params) -> dict[str, Any]:
 
 LAYER_CHOICES = range(1, 37)  # --layers and --merge-layers values that have a case (Qwen3-8B has 36 layers)
 
+def on_tied(case: Callable[[Paths, Params], dict[str, Any]]) -> Callable[[Paths, Params], dict[str, Any]]:
+    """``case`` run on the tied variant's checkpoints and parameters (``Paths.tied``, ``tied_params``)."""
+    return lambda paths, params: case(paths.tied, tied_params(params))
+
+
 CASES: dict[str, Callable[[Paths, Params], dict[str, Any]]] = {
     **{f"load-{kind}-{n}L": (lambda p, q, kind=kind, n=n: case_load(kind, p, q, n))
        for kind in ("ours", "merged") for n in LAYER_CHOICES},
@@ -561,6 +578,13 @@ CASES: dict[str, Callable[[Paths, Params], dict[str, Any]]] = {
     "train-legacy": lambda p, q: case_train("legacy", p, q),
     **{f"load-peer-{kind}": (lambda p, q, kind=kind: case_load(kind, p, q)) for kind in PEERS},
     **{f"train-peer-{kind}": (lambda p, q, kind=kind: case_train(kind, p, q)) for kind in PEERS},
+    # the peers' comparison again on a tied base of the same widths (``Paths.tied``)
+    "cache-tied": case_cache_tied,
+    "load-ours-tied": on_tied(lambda p, q: case_load("ours", p, q)),
+    "load-legacy-nomean-tied": on_tied(lambda p, q: case_load("legacy_nomean", p, q)),
+    **{f"load-peer-{kind}-tied": on_tied(lambda p, q, kind=kind: case_load(kind, p, q)) for kind in PEERS},
+    "train-ours-tied": on_tied(lambda p, q: case_train("ours", p, q)),
+    **{f"train-peer-{kind}-tied": on_tied(lambda p, q, kind=kind: case_train(kind, p, q)) for kind in PEERS},
     "convert-ours": lambda p, q: case_convert("ours", p, q),
     "convert-plain": lambda p, q: case_convert("plain", p, q),
     **{f"merge-{kind}-{n}L": (lambda p, q, kind=kind, n=n: case_merge(kind, n, p, q))

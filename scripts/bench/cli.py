@@ -19,7 +19,7 @@ from .cases import CASES, LAYER_CHOICES, run_cases_here
 from .params import QUICK_SHAPE, Params, Paths, Shape
 from .report import build_report, markdown
 from .runner import Runner, schedule
-from .workdir import prepare_depths, prepare_peers, prepare_workdir
+from .workdir import prepare_depths, prepare_peers, prepare_tied, prepare_workdir
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -106,6 +106,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         setup = prepare_workdir(paths, params)
         setup.update(prepare_depths(paths, params))
         setup.update(prepare_peers(paths, params))
+        setup.update(prepare_tied(paths, params))
         print(f"  {json.dumps({k: round(v, 1) for k, v in setup.items()})}", file=sys.stderr, flush=True)
         runner = Runner(workdir, params)
         runner.run(schedule(params))

@@ -6,7 +6,7 @@ sides agree on one description of the run; ``bench.json`` echoes the same dictio
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ class Shape:
     image: int = 8_192
     codebooks: int = 4
     codebook_size: int = 1_024
+    tied: bool = False  # Qwen3-8B is untied; the peers are also measured on a tied base of the same widths
 
     @property
     def new_rows(self) -> int:
@@ -90,6 +91,11 @@ class Params:
         return cls(**{**data, **tuples, "shape": Shape(**shape)})
 
 
+def tied_params(params: Params) -> Params:
+    """The run's parameters on a base whose lm_head is its input embedding (the peers' tied comparison)."""
+    return replace(params, shape=replace(params.shape, tied=True))
+
+
 @dataclass(frozen=True)
 class Paths:
     """The artifacts in the work directory."""
@@ -123,6 +129,12 @@ class Paths:
     @property
     def legacy_pt(self) -> Path:
         return self.legacy / "trainable_rows.pt"
+
+    @property
+    def tied(self) -> "Paths":
+        """The artifacts of the tied variant (`tied_params`): its own base, adapter, merged and legacy checkpoints
+        and peers, in a work dir of their own inside this one."""
+        return Paths(self.root / "tied")
 
     def peer(self, kind: str) -> Path:
         """The adapter of one of PEFT's own ways (``PEERS``), made on the resized base."""

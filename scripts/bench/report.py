@@ -347,18 +347,22 @@ def merge_section(runner: Runner, params: Params) -> tuple[dict[str, Any], list[
     return section, rows
 
 
-def peers_section(runner: Runner, paths: Paths, params: Params) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """bench.json's ``peers`` section and its rows (issue #26): uti-peft against PEFT's own ways of training the new
-    rows (``PEERS``), per axis against the best peer on that axis (the goal: at least as good as the best): load +
-    first forward time, steady and peak RSS (the load cases at the main depth; peers resize the base first),
-    training step time and gradient + optimizer-state bytes, adapter bytes on disk, and whether the last-token
-    logits after load equal the legacy recipe's (the same digest)."""
-    ours_load = load_medians(runner, f"load-ours-{params.shape.layers}L")
+def peers_section(runner: Runner, paths: Paths, params: Params,
+                  tied: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """bench.json's ``peers`` (``tied``: ``peers_tied``) section and its rows (issue #26): uti-peft against PEFT's
+    own ways of training the new rows (``PEERS``), per axis against the best peer on that axis (the goal: at least
+    as good as the best): load + first forward time, steady and peak RSS (the load cases at the main depth; peers
+    resize the base first), training step time and gradient + optimizer-state bytes, adapter bytes on disk, and
+    whether the last-token logits after load equal the legacy recipe's (the same digest). ``tied``: the same on the
+    tied base of the same widths (``Paths.tied``)."""
+    suffix, where, title = ("-tied", paths.tied, "peers (tied base)") if tied else ("", paths, "peers")
+    ours_load_case = "load-ours-tied" if tied else f"load-ours-{params.shape.layers}L"
+    ours_load = load_medians(runner, ours_load_case)
 
     def digests(case: str) -> set:
         return {r["logits_sha256"] for r in runner.results.get(case, []) if r.get("logits_sha256")}
 
-    legacy = digests("load-legacy-nomean") | digests("load-legacy")
+    legacy = digests(f"load-legacy-nomean{suffix}") | (set() if tied else digests("load-legacy"))
 
     def equal_to_legacy(case: str) -> Optional[bool]:
         found = digests(case)
@@ -373,9 +377,10 @@ def peers_section(runner: Runner, paths: Paths, params: Params) -> tuple[dict[st
                 "adapter_bytes": dir_bytes(adapter) if adapter.is_dir() else None,
                 "logits_equal_legacy": equal_to_legacy(load_case)}
 
-    ours = measures(f"load-ours-{params.shape.layers}L", "train-ours", paths.adapter)
+    ours = measures(ours_load_case, f"train-ours{suffix}", where.adapter)
     ours["load_s"], ours["phases"] = ours_load["seconds"], ours_load["phases"]
-    peers = {kind: measures(f"load-peer-{kind}", f"train-peer-{kind}", paths.peer(kind)) for kind in PEERS}
+    peers = {kind: measures(f"load-peer-{kind}{suffix}", f"train-peer-{kind}{suffix}", where.peer(kind))
+             for kind in PEERS}
     rows = []
     for key, label, unit, goal in (
             ("load_s", "load + first forward (s), peers resizing the base first", "s", True),
@@ -386,23 +391,24 @@ def peers_section(runner: Runner, paths: Paths, params: Params) -> tuple[dict[st
             ("adapter_bytes", "adapter bytes on disk", "bytes", True)):
         measured = {kind: data[key] for kind, data in peers.items() if data[key] is not None}
         best = min(measured, key=measured.get, default=None)
-        name = f"peers, {label}: ours vs the best peer ({best or 'none measured'})"
+        name = f"{title}, {label}: ours vs the best peer ({best or 'none measured'})"
         reference = None if best is None else measured[best]
         if goal:
             rows.append(ratio_target(name, ours[key], reference, "<= 1.0", unit))
         else:
             rows.append(info(name, ours[key], reference, ratio(ours[key], reference), unit))
     equal = {kind: data["logits_equal_legacy"] for kind, data in peers.items()}
-    rows.append(target("peers, last-token logits after load == the legacy recipe's (torch.equal via digest)",
+    rows.append(target(f"{title}, last-token logits after load == the legacy recipe's (torch.equal via digest)",
                        ours["logits_equal_legacy"], ", ".join(f"{k}: {fmt(v, '')}" for k, v in equal.items()), None,
                        "ours equal", ours["logits_equal_legacy"]))
     section = {"ours": ours, "peers": peers, "legacy_logits_sha256": sorted(legacy),
                "recipes": {"trainable-tokens": "base + resize_token_embeddings(vocab_size, mean_resizing=False) + "
                                                "PeftModel.from_pretrained of a TrainableTokensConfig(target_modules="
-                                               "['embed_tokens', 'lm_head'], token_indices=text_vocab..vocab_size-1) "
-                                               "adapter",
+                                               + ("['embed_tokens']" if tied else "['embed_tokens', 'lm_head']")
+                                               + ", token_indices=text_vocab..vocab_size-1) adapter",
                            "lora-modules-to-save": "base + resize + PeftModel.from_pretrained of a LoraConfig(r=8, "
-                                                   "q_proj, modules_to_save=['embed_tokens', 'lm_head']) adapter",
+                                                   "q_proj, modules_to_save=['embed_tokens', 'lm_head']"
+                                                   + (", ensure_weight_tying=True" if tied else "") + ") adapter",
                            "training": "as the peer's load but on the merged checkpoint (the resized base), "
                                        "is_trainable=True; the step as train-ours"}}
     return section, rows
@@ -536,7 +542,9 @@ def notes(params: Params) -> list[str]:
                "whose new rows are the adapter's. Their loads resize the base first (resize_token_embeddings("
                "vocab_size, mean_resizing=False): the user's step; the adapter overwrites the new rows) and alternate "
                "with ours at the main depth; their training steps load the merged checkpoint as the resized base, "
-               "as the legacy recipe does. Each axis is compared with the best peer on it.")
+               "as the legacy recipe does. Each axis is compared with the best peer on it. The same again on a "
+               "tied base of the same widths ('peers (tied base)'): TrainableTokens on the embedding alone (PEFT "
+               "ties the head's layer to it) and LoRA with ensure_weight_tying=True, against ours on that base.")
     if not params.quick:
         out.append("On CPUs without native bf16 (AVX2), PyTorch's bf16 matmul grad_out @ weight with K = vocab (the "
                    "lm_head's input gradient) runs at ~0.3 GFLOP/s (~20 s per token at this shape): the legacy recipe "
@@ -557,8 +565,9 @@ def build_report(runner: Runner, paths: Paths, params: Params, setup: dict, star
     size, size_rows = size_section(runner, paths, params.shape)
     merge, merge_rows = merge_section(runner, params)
     peers, peers_rows = peers_section(runner, paths, params)
+    peers_tied, peers_tied_rows = peers_section(runner, paths, params, tied=True)
     table = (load_rows + head_rows + infer_rows + switch_rows + head_loss_rows + train_rows + size_rows + merge_rows
-             + peers_rows)
+             + peers_rows + peers_tied_rows)
     targets = [row for row in table if row["kind"] == "target"]
     return {
         "machine": machine_info(),
@@ -574,6 +583,7 @@ def build_report(runner: Runner, paths: Paths, params: Params, setup: dict, star
         "size_and_conversion": size,
         "merge": merge,
         "peers": peers,
+        "peers_tied": peers_tied,
         "raw": runner.results,
         "table": table,
         "targets_met": sum(bool(row["met"]) for row in targets),

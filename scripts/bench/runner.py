@@ -101,6 +101,10 @@ def schedule(params: Params) -> list[tuple[str, float]]:
                          params.reps, budget)
     steps += [("inference", budget), ("switch", budget), ("train-ours", budget), ("train-legacy", budget)]
     steps += [(f"train-peer-{kind}", budget) for kind in PEERS]
+    # the same on a tied base (ours and PEFT's ways; the legacy load once, for the logits)
+    steps += [("cache-tied", budget), ("load-legacy-nomean-tied", budget)]
+    steps += alternating(["load-ours-tied", *(f"load-peer-{kind}-tied" for kind in PEERS)], params.reps, budget)
+    steps += [("train-ours-tied", budget), *((f"train-peer-{kind}-tied", budget) for kind in PEERS)]
     steps += alternating(["head-loss-fused", "head-loss-unfused"], params.reps, budget)
     steps += alternating(["convert-ours", "convert-plain"], params.reps, budget)
     for layers in params.merge_layers:

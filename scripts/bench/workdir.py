@@ -15,11 +15,11 @@ from typing import Iterator
 
 import torch
 
-from .params import DTYPE, PEERS, Params, Paths, Shape
+from .params import DTYPE, PEERS, Params, Paths, Shape, tied_params
 
 
 def qwen3_config(shape: Shape):
-    """A Qwen3 config of ``shape``, with Qwen3-8B's other settings (rope, norm eps, untied)."""
+    """A Qwen3 config of ``shape``, with Qwen3-8B's other settings (rope, norm eps; untied unless ``shape.tied``)."""
     from transformers import Qwen3Config
 
     return Qwen3Config(
@@ -33,7 +33,7 @@ def qwen3_config(shape: Shape):
         max_position_embeddings=40_960,
         rope_theta=1_000_000.0,
         rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
+        tie_word_embeddings=shape.tied,
     )
 
 
@@ -49,7 +49,7 @@ def fill_pseudo_random(tensor: torch.Tensor, pool: torch.Tensor, generator: torc
 
 
 def build_base(shape: Shape, seed: int):
-    """A bf16, untied Qwen3ForCausalLM of ``shape``, built without a download and without the slow init."""
+    """A bf16 Qwen3ForCausalLM of ``shape``, built without a download and without the slow init."""
     from transformers import Qwen3ForCausalLM
 
     try:
@@ -58,6 +58,7 @@ def build_base(shape: Shape, seed: int):
         no_init_weights = contextlib.nullcontext
     with no_init_weights():
         model = Qwen3ForCausalLM._from_config(qwen3_config(shape), dtype=DTYPE)
+    model.tie_weights()  # a tied shape: one matrix (_from_config under no_init_weights leaves two)
     generator = torch.Generator().manual_seed(seed)
     pool = (torch.randn(1 << 22, generator=generator) * 0.02).to(DTYPE)
     with torch.no_grad():
@@ -156,16 +157,19 @@ def prepare_depths(paths: Paths, params: Params) -> dict[str, float]:
 def peer_config(kind: str, shape: Shape):
     """The PEFT config of one of PEFT's own ways (``PEERS``) of training the new rows of a base resized to
     ``vocab_size``: ``TrainableTokens`` on the new ids (the base's padding rows past the text vocabulary included,
-    as a single ``resize_token_embeddings(vocab_size)`` leaves them), in the embedding and, the base being untied, in
+    as a single ``resize_token_embeddings(vocab_size)`` leaves them), in the embedding and, on an untied base, in
     the lm_head too (targeting the embedding only would train the input rows alone and leave the head's new rows at
-    the resize's values); or LoRA (r 8, on q_proj) with the whole embedding and lm_head in ``modules_to_save``."""
+    the resize's values; on a tied base PEFT ties the head's layer to the embedding's itself); or LoRA (r 8, on
+    q_proj) with the whole embedding and lm_head in ``modules_to_save`` (on a tied base with
+    ``ensure_weight_tying``, PEFT's way of keeping the two one matrix)."""
     from peft import LoraConfig, TrainableTokensConfig
 
     if kind == "trainable-tokens":
-        return TrainableTokensConfig(target_modules=["embed_tokens", "lm_head"],
+        return TrainableTokensConfig(target_modules=["embed_tokens"] if shape.tied else ["embed_tokens", "lm_head"],
                                      token_indices=list(range(shape.text_vocab, shape.vocab_size)))
     if kind == "lora-modules-to-save":
-        return LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+        return LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"],
+                          ensure_weight_tying=shape.tied)
     raise ValueError(f"unknown peer {kind!r}")
 
 
@@ -194,3 +198,11 @@ def prepare_peers(paths: Paths, params: Params) -> dict[str, float]:
         gc.collect()
         timings[f"peer_{kind}_s"] = time.perf_counter() - start
     return timings
+
+
+def prepare_tied(paths: Paths, params: Params) -> dict[str, float]:
+    """The tied variant's checkpoints and peers (``Paths.tied``), built as the main ones; returns timings."""
+    tied_paths, params = paths.tied, tied_params(params)
+    timings = prepare_workdir(tied_paths, params)
+    timings.update(prepare_peers(tied_paths, params))
+    return {f"tied_{name}": seconds for name, seconds in timings.items()}
