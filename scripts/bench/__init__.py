@@ -21,7 +21,9 @@ What it measures, and against what:
 7. **Peers** (issue #26): PEFT's own ways of training the new rows, saved once from the resized model: TrainableTokens
    on the 12,352 new ids (embedding and untied lm_head) and LoRA with ``modules_to_save=["embed_tokens", "lm_head"]``:
    load (base + ``resize_token_embeddings`` + ``PeftModel.from_pretrained``) + first forward, steady and peak RSS,
-   logits against the legacy recipe's, one training step and its state bytes, adapter bytes; ours vs the best peer.
+   logits against the legacy recipe's, one training step and its state bytes, adapter bytes; ours vs the best peer;
+   then again on a tied base of the same widths (``Paths.tied``: TrainableTokens on the embedding, which PEFT
+   ties to the head, and LoRA with ``ensure_weight_tying``).
 
 Why this shape: the base is built locally (no download) as a Qwen3 with the 8B's embedding shapes (151,936 rows,
 hidden 4,096, bf16, untied) and the 8B's decoder-layer shapes, but only ``--layers`` (default 1) decoder layers:

@@ -26,7 +26,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """The flags of ``scripts/bench.py`` (the hidden ``--case`` is how the runner starts a case process)."""
     parser = argparse.ArgumentParser(
         description=PACKAGE_DOC.split("\n\n")[0],
-        epilog="Defaults take ~20 minutes on a 2-core CPU and ~25 GB of checkpoints in the work dir. Issue #5's full "
+        epilog="Defaults take ~36 minutes on a 2-core CPU and ~30 GB of checkpoints in the work dir. Issue #5's full "
                "sizes on a bigger machine: --prefill-tokens 512 --decode-steps 32 --train-seq-len 512 "
                "--train-steps 3 --full-warmup. The GPU benchmark is scripts/bench_gpu.sh.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -96,7 +96,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.case:
         run_cases_here(args.case, args.workdir)
         return 0
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), [round(x, 2) for x in os.getloadavg()]
     params = params_from_args(args)
     temporary = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="uti-bench-")) if temporary else args.workdir.resolve()
@@ -114,6 +114,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         if temporary:
             shutil.rmtree(workdir, ignore_errors=True)
+    report["machine"]["loadavg_start"] = load_at_start
     report["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     report["bench_wall_s"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)

@@ -443,7 +443,6 @@ def machine_info() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "safetensors": safetensors.__version__,
-        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }
 
 
