@@ -6,16 +6,20 @@ is ever written. Logits equal the legacy-patched and the merged model's, bit for
 from __future__ import annotations
 
 import hashlib
+import mmap
+import os
 import sys
 
 import pytest
 import torch
-from peft import PeftModel, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from transformers import AutoModelForCausalLM
 
 from uti_peft.constants import INPUT_ROWS_KEY, WEIGHTS_NAME
 from uti_peft.memory import _file_mapping_of
+from uti_peft.row_extension._compat import _page_aligned_rows
 from uti_peft.tiny import build_tiny_qwen3
 
 from conftest import legacy_model_for, probe_ids, train_steps
@@ -125,3 +129,80 @@ def test_frozen_head_runs_one_mm_for_the_last_token(saved, token_space):
         model(input_ids=probe_ids(token_space), logits_to_keep=1)
     products = {event.key for event in profile.key_averages() if event.key in ("aten::mm", "aten::bmm")}
     assert products == {"aten::mm"}
+
+
+def new_rows_in_memory(model: PeftModel, space) -> torch.Tensor:
+    """The new rows the extended matrix holds in place: the head's, on a tied base the one shared matrix's."""
+    with torch.no_grad():
+        return model.get_output_embeddings().weight[space.text_vocab_size :]
+
+
+def first_own_page_row(rows: torch.Tensor) -> int:
+    """The first row that does not share a page with the text rows before it."""
+    return -(-((-rows.data_ptr()) % mmap.PAGESIZE) // (rows.shape[1] * rows.element_size()))
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_an_adapter_saved_from_its_loaded_base_is_mapped_when_loaded_again(saved, token_space, tmp_path, tied):
+    """PEFT's save_pretrained of a model whose head maps the base file lays the rows file out so that its head rows
+    sit at the base head's offset within a page: loading it onto that base then maps them (nothing written but the
+    page shared with the text rows) and PEFT's second load of the same bytes is skipped; the logits stay exact and
+    training writes private copies, never the file."""
+    base_dir, adapter_dir = saved(tied, torch.bfloat16)
+    load(base_dir, adapter_dir, torch.bfloat16).save_pretrained(tmp_path / "saved")
+    rows_file = tmp_path / "saved" / WEIGHTS_NAME
+    before = sha256(rows_file)
+
+    model = load(base_dir, tmp_path / "saved", torch.bfloat16)
+    rows = new_rows_in_memory(model, token_space)
+    assert _file_mapping_of(rows[first_own_page_row(rows) :]).path == str(rows_file)
+    unaligned = load(base_dir, adapter_dir, torch.bfloat16)  # saved from a base built in memory: (mostly) copied
+    ids = probe_ids(token_space)
+    legacy = legacy_model_for(adapter_dir, token_space, tied=tied, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for kwargs in ({}, {"logits_to_keep": 1}):
+            assert torch.equal(model(input_ids=ids, **kwargs).logits, legacy(input_ids=ids, **kwargs).logits)
+            assert torch.equal(model(input_ids=ids, **kwargs).logits, unaligned(input_ids=ids, **kwargs).logits)
+
+    trained = load(base_dir, tmp_path / "saved", torch.bfloat16, is_trainable=True)
+    train_steps(trained, token_space)
+    assert not torch.equal(new_rows_in_memory(trained, token_space), new_rows_in_memory(model, token_space))
+    assert sha256(rows_file) == before
+
+
+def in_place_save_file(tensors, filename, metadata=None):
+    """How safetensors before 0.5 wrote a file (0.4.5 checked): truncated and rewritten in place, same inode."""
+    data = safetensors_bytes(tensors, metadata=metadata)
+    with open(filename, "r+b" if os.path.exists(filename) else "wb") as f:
+        f.truncate(0)
+        f.write(data)
+
+
+def test_a_rows_file_is_replaced_not_rewritten_under_a_model_that_maps_it(saved, token_space, tmp_path):
+    """A file rewritten in place under a private mapping shows the new bytes in every page not yet copied: a model
+    that loaded the rows would change. uti-peft's writer of rows files (what PEFT's save_pretrained calls for our
+    adapter) writes a new file and renames it over the old, whatever safetensors version does the writing."""
+    base_dir, adapter_dir = saved(False, torch.bfloat16)
+    load(base_dir, adapter_dir, torch.bfloat16).save_pretrained(tmp_path / "saved")
+    rows_file = tmp_path / "saved" / WEIGHTS_NAME
+    ids = probe_ids(token_space)
+    other = load(base_dir, tmp_path / "saved", torch.bfloat16, is_trainable=True)
+    train_steps(other, token_space)
+    trained = {k: v.detach().clone() for k, v in get_peft_model_state_dict(other).items()}
+
+    loaded = load(base_dir, tmp_path / "saved", torch.bfloat16)
+    with torch.no_grad():
+        expected = loaded(input_ids=ids).logits
+    _page_aligned_rows(in_place_save_file)(trained, str(rows_file), metadata={"format": "pt"})
+    assert all(torch.equal(v, trained[k]) for k, v in load_file(rows_file).items())
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+    assert sorted(p.name for p in rows_file.parent.iterdir()) == sorted(p.name for p in adapter_dir.iterdir())
+
+    # the hazard itself: the same writer without ours changes the model that maps the file
+    victim = load(base_dir, tmp_path / "saved", torch.bfloat16)
+    with torch.no_grad():
+        before = victim(input_ids=ids).logits
+    in_place_save_file(load_file(adapter_dir / WEIGHTS_NAME), str(rows_file))
+    with torch.no_grad():
+        assert not torch.equal(victim(input_ids=ids).logits, before)

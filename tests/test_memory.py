@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
+import mmap
 import sys
 
 import pytest
 import torch
 
 import uti_peft.memory as memory
-from uti_peft.memory import _file_mapping_of, copy_releasing_source, extended_matrix, map_file_rows, same_file_bytes
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from uti_peft.memory import (
+    _file_mapping_of, copy_releasing_source, extended_matrix, file_page_offset, holds_file_bytes, map_file_rows,
+    page_aligned_metadata, same_file_bytes, sort_metadata_entries,
+)
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="/proc/self/smaps and madvise are Linux's")
 
@@ -149,3 +157,79 @@ def test_same_file_bytes_needs_the_same_unwritten_bytes_of_one_file(tmp_path, pa
     second[599, 127] = 1.0  # written
     assert not same_file_bytes(first, second)
     assert same_file_bytes(first[:500], second[:500])  # the written page is not among these rows
+
+
+def rows_on_shared_page(tensor: torch.Tensor) -> int:
+    """How many of ``tensor``'s first rows share a page with the memory before it."""
+    return -(-((-tensor.data_ptr()) % mmap.PAGESIZE) // (tensor.shape[1] * tensor.element_size()))
+
+
+@pytest.mark.parametrize("shift", [0, 8], ids=["same-offset-in-page", "another-offset"])
+def test_extension_maps_a_tail_file_at_its_offset_within_a_page(tmp_path, shift, page_check):
+    cols, keep, new = 256, 900, 400  # float32 rows of 1,024 bytes: the text rows end 3 KiB into a page
+    text_values, text = mapped_matrix(tmp_path / "base.bin", rows=1000, cols=cols, header=1000)
+    # the new rows at the offset within a page where the text rows end in memory (and in the base file)
+    header = (1000 + keep * cols * 4) % mmap.PAGESIZE + 4096 + shift
+    tail_values, tail = mapped_matrix(tmp_path / "rows.bin", rows=new, cols=cols, header=header)
+    before = sha256(tmp_path / "rows.bin")
+
+    extended = extended_matrix(text, keep, keep + new, tail=tail)
+    assert torch.equal(extended[:keep], text_values[:keep]) and torch.equal(extended[keep:], tail_values)
+    shared = rows_on_shared_page(extended[keep:])
+    assert 0 < shared < new  # the first new rows share a page with the last text rows: copied there
+    mapping = _file_mapping_of(extended[keep + shared :])
+    if shift:  # not where a mapping can put them: copied, and still equal
+        assert mapping is None and not holds_file_bytes(extended[keep:], tail)
+        return
+    assert mapping.path == str(tmp_path / "rows.bin")  # the rest maps the file: nothing written
+    _, again = mapped_matrix(tmp_path / "rows.bin", rows=new, cols=cols, header=header)
+    assert holds_file_bytes(extended[keep:], again)  # a reload of the same bytes can be skipped
+    extended[keep, 0] += 1.0  # the shared page (a private copy already) is compared by value
+    assert not holds_file_bytes(extended[keep:], again)
+    extended[keep, 0] = tail_values[0, 0]
+    assert holds_file_bytes(extended[keep:], again)
+    extended[keep + new - 1, 0] = 7.0  # written: a private copy of that page, never the file
+    assert not holds_file_bytes(extended[keep:], again)
+    assert sha256(tmp_path / "rows.bin") == before
+
+
+@pytest.mark.parametrize("page_offset", [0, 8, 1608, 4088])
+def test_page_aligned_metadata_puts_the_anchor_at_the_offset_within_a_page(tmp_path, page_offset):
+    tensors = {"a.first": torch.randn(17, 96).to(torch.bfloat16), "b.anchor": torch.randn(300, 96).to(torch.bfloat16)}
+    metadata = page_aligned_metadata(tensors, {"format": "pt"}, "b.anchor", page_offset)
+    assert metadata["format"] == "pt"
+    save_file(tensors, tmp_path / "rows.safetensors", metadata=metadata)
+
+    raw = (tmp_path / "rows.safetensors").read_bytes()
+    header_bytes = int.from_bytes(raw[:8], "little")
+    offset = 8 + header_bytes + json.loads(raw[8 : 8 + header_bytes])["b.anchor"]["data_offsets"][0]
+    assert offset % mmap.PAGESIZE == page_offset
+    with safe_open(tmp_path / "rows.safetensors", framework="pt") as f:  # an ordinary safetensors file
+        assert all(torch.equal(f.get_tensor(name), tensor) for name, tensor in tensors.items())
+        assert f.metadata()["format"] == "pt"
+
+    mixed = {**tensors, "c.other": torch.zeros(3)}  # a layout it does not predict: left as it was
+    assert page_aligned_metadata(mixed, {"format": "pt"}, "b.anchor", page_offset) == {"format": "pt"}
+    assert page_aligned_metadata(tensors, {"format": "pt"}, "b.anchor", None) == {"format": "pt"}
+
+
+def test_saves_of_the_same_padded_tensors_are_the_same_bytes(tmp_path):
+    # safetensors writes metadata entries in a different order from one save to the next; sorted, saves repeat
+    tensors = {"b.anchor": torch.randn(300, 96).to(torch.bfloat16)}
+    metadata = page_aligned_metadata(tensors, {"format": "pt"}, "b.anchor", 2048)
+    saved = set()
+    for attempt in range(8):
+        save_file(tensors, tmp_path / f"{attempt}.safetensors", metadata=metadata)
+        sort_metadata_entries(tmp_path / f"{attempt}.safetensors")
+        saved.add((tmp_path / f"{attempt}.safetensors").read_bytes())
+    assert len(saved) == 1
+    with safe_open(tmp_path / "0.safetensors", framework="pt") as f:
+        assert f.metadata() == metadata and torch.equal(f.get_tensor("b.anchor"), tensors["b.anchor"])
+
+
+def test_a_tail_has_a_file_page_offset_only_after_rows_that_map_a_file(tmp_path):
+    _, text = mapped_matrix(tmp_path / "base.bin", rows=1000, cols=256, header=1000)
+    mapped = extended_matrix(text, 900, 1300)
+    assert file_page_offset(mapped[900:]) == (1000 + 900 * 256 * 4) % mmap.PAGESIZE  # the base file's
+    assert file_page_offset(extended_matrix(text.clone(), 900, 1300)[900:]) is None  # copied: wherever memory was
+    assert file_page_offset(torch.zeros(400, 256)) is None

@@ -12,11 +12,13 @@ weight that is not a clean file mapping) the rows are copied, releasing the sour
 from __future__ import annotations
 
 import ctypes
+import json
 import mmap
 import os
 import re
+import struct
 import sys
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -37,26 +39,31 @@ class _FileMapping(NamedTuple):
     path: str
 
 
-def extended_matrix(weight: torch.Tensor, keep_rows: int, total_rows: int) -> torch.Tensor:
+def extended_matrix(weight: torch.Tensor, keep_rows: int, total_rows: int,
+                    tail: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A new contiguous ``[total_rows, weight.shape[1]]`` tensor whose first ``keep_rows`` rows equal
-    ``weight[:keep_rows]``; the other rows are left for the caller to fill (their values are unspecified).
+    ``weight[:keep_rows]`` and whose other rows equal ``tail`` (left unspecified for the caller to fill when it is
+    None).
 
-    The kept rows are a private mapping of the checkpoint file when ``weight`` is one (`map_file_rows`), else a
-    copy (`copy_releasing_source`). ``weight`` itself is not changed either way.
+    The kept rows are a private mapping of the checkpoint file when ``weight`` is one (`map_file_rows`), and so are
+    the tail rows where ``tail`` is a file's bytes at the same offset within a page; anything else is copied
+    (`copy_releasing_source`). ``weight`` and ``tail`` themselves are not changed either way.
     """
-    mapped = map_file_rows(weight, keep_rows, total_rows)
-    if mapped is not None:
-        return mapped
-    extended = torch.empty((total_rows, weight.shape[1]), dtype=weight.dtype, device=weight.device)
-    copy_releasing_source(extended[:keep_rows], weight[:keep_rows])
+    extended = map_file_rows(weight, keep_rows, total_rows, tail)
+    if extended is None:
+        extended = torch.empty((total_rows, weight.shape[1]), dtype=weight.dtype, device=weight.device)
+        copy_releasing_source(extended[:keep_rows], weight[:keep_rows])
+        if tail is not None:
+            copy_releasing_source(extended[keep_rows:], tail)
     return extended
 
 
-def map_file_rows(weight: torch.Tensor, keep_rows: int, total_rows: int) -> Optional[torch.Tensor]:
-    """`extended_matrix` without a copy: one address range whose first ``keep_rows`` rows map the file bytes
-    behind ``weight`` (private, copy-on-write) and whose rest is anonymous memory. None where that cannot be done
-    (not Linux, not CPU, not contiguous, not a clean private file mapping, the file replaced since, ``mmap``
-    refused).
+def map_file_rows(weight: torch.Tensor, keep_rows: int, total_rows: int,
+                  tail: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """`extended_matrix` without a copy of the kept rows: one address range whose first ``keep_rows`` rows map the
+    file bytes behind ``weight`` (private, copy-on-write) and whose rest is anonymous memory, holding ``tail``'s
+    values when given (`_fill_tail`). None where that cannot be done (not Linux, not CPU, not contiguous, not a clean
+    private file mapping, the file replaced since, ``mmap`` refused).
 
     The range is reserved as one anonymous ``mmap.mmap`` (which unmaps all of it when the tensor's storage is freed)
     and the file is mapped over its head with ``MAP_FIXED``. Mappings start at page boundaries; the tensor starts as
@@ -80,7 +87,100 @@ def map_file_rows(weight: torch.Tensor, keep_rows: int, total_rows: int) -> Opti
     if text_bytes and not _map_file_over(whole.data_ptr() + start, text_bytes, source, file_offset - lead):
         return None
     rows = whole[start + lead : start + lead + total_rows * row_bytes].view(weight.dtype)
-    return rows.view(total_rows, weight.shape[1])
+    extended = rows.view(total_rows, weight.shape[1])
+    if tail is not None:
+        _fill_tail(extended[keep_rows:], tail)
+    return extended
+
+
+def _fill_tail(rows: torch.Tensor, tail: torch.Tensor) -> None:
+    """Give ``rows`` (fresh memory of a range `map_file_rows` reserved) ``tail``'s values. Where ``tail`` is a clean
+    file mapping whose bytes sit at the offset within a page that ``rows`` has in memory (an adapter file laid out by
+    `page_aligned_metadata`), the whole pages of ``rows`` become a private mapping of those file bytes, and only the
+    bytes on the page it shares with the text rows are copied: nothing is allocated or written for the rest, and a
+    later load of the same file bytes is provably a no-op (`holds_file_bytes`). Anything else is copied."""
+    page = mmap.PAGESIZE
+    source = None
+    if tail.dtype == rows.dtype and tail.shape == rows.shape and tail.is_contiguous():
+        source = _file_mapping_of(tail)
+    if source is not None:
+        file_offset = source.offset + tail.data_ptr() - source.start
+        shared = (-rows.data_ptr()) % page  # bytes of ``rows`` on the page it shares with the rows before it
+        nbytes = rows.numel() * rows.element_size()
+        aligned = (rows.data_ptr() - file_offset) % page == 0 and shared < nbytes
+        if aligned and _map_file_over(rows.data_ptr() + shared, _round_up(nbytes - shared, page), source,
+                                      file_offset + shared):
+            rows.view(-1).view(torch.uint8)[:shared].copy_(tail.view(-1).view(torch.uint8)[:shared])
+            return
+    copy_releasing_source(rows, tail)
+
+
+def page_aligned_metadata(tensors: dict[str, torch.Tensor], metadata: dict[str, str], anchor: str,
+                          page_offset: Optional[int]) -> dict[str, str]:
+    """``metadata`` for ``safetensors``' ``save_file(tensors, ..., metadata=...)``, padded so that tensor ``anchor``
+    starts in the file ``page_offset`` bytes into a page.
+
+    For an adapter's rows that offset is where its head rows sit in memory when the head maps the base checkpoint
+    (`file_page_offset`), or, for a writer that knows the base but no model, where they would (``extract``): loading
+    the file onto that base then maps them instead of copying them (`_fill_tail`). The padding is spaces in one more
+    metadata entry; the tensors and their order are unchanged. With no ``page_offset`` (a head that maps no file:
+    the offset would be wherever memory happened to be, and the file's bytes would differ from one save to the
+    next), or where the layout cannot be predicted (mixed or unknown dtypes, ``anchor`` absent, an offset safetensors'
+    8-byte alignment cannot reach), the metadata is returned as it is: the file then loads with a copy.
+    """
+    dtypes = {tensor.dtype for tensor in tensors.values()}
+    if page_offset is None or anchor not in tensors or len(dtypes) != 1 or next(iter(dtypes)) not in _SAFETENSORS_DTYPES:
+        return metadata
+    page, dtype = mmap.PAGESIZE, _SAFETENSORS_DTYPES[next(iter(dtypes))]
+    header: dict[str, Any] = {"__metadata__": {**metadata, _PAGE_PAD_KEY: ""}}
+    offset = anchor_offset = 0
+    for name in sorted(tensors):  # safetensors orders tensors of one dtype by name
+        size = tensors[name].numel() * tensors[name].element_size()
+        header[name] = {"dtype": dtype, "shape": list(tensors[name].shape), "data_offsets": [offset, offset + size]}
+        anchor_offset = offset if name == anchor else anchor_offset
+        offset += size
+    unpadded = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode())
+    # the data starts after the 8-byte length and the header, which safetensors pads to a multiple of 8
+    wanted = (page_offset - 8 - anchor_offset) % page
+    if wanted % 8:
+        return metadata
+    header_bytes = unpadded + (wanted - unpadded) % page
+    return {**metadata, _PAGE_PAD_KEY: " " * (header_bytes - unpadded)}
+
+
+def sort_metadata_entries(path: str | os.PathLike) -> None:
+    """Rewrite the header of the safetensors file at ``path`` with its metadata entries in sorted order.
+
+    safetensors writes the metadata from a Rust ``HashMap``, in an order that changes from one save to the next: with
+    the padding entry of `page_aligned_metadata` beside ``format``, two saves of the same tensors would differ in
+    bytes (a new Hub commit for the same adapter, a file hash that never repeats). The sorted header has the same
+    length, so only those bytes change; a header this cannot reproduce exactly is left as it is."""
+    with open(path, "r+b") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(length))
+        metadata = header.get("__metadata__") or {}
+        if len(metadata) < 2:
+            return
+        ordered = {**header, "__metadata__": dict(sorted(metadata.items()))}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= length and json.loads(text) == header:
+            file.seek(8)
+            file.write(text.ljust(length))
+
+
+def file_page_offset(tail: torch.Tensor) -> Optional[int]:
+    """How far into a page ``tail`` starts, where that is a file's offset: ``tail`` is the tail of a matrix whose
+    rows before it are a clean mapping of a file (a head built by `map_file_rows`), so the offset is the base
+    checkpoint's, the same in every process. None otherwise."""
+    page, before = mmap.PAGESIZE, tail.storage_offset() * tail.element_size()
+    if tail.device.type != "cpu" or before < page:
+        return None
+    text_page = torch.empty(0, dtype=torch.uint8).set_(tail.untyped_storage(), before - page, (8,))
+    return tail.data_ptr() % page if _file_mapping_of(text_page) is not None else None
+
+
+_PAGE_PAD_KEY = "uti_peft.page_padding"
+_SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64"}
 
 
 def _map_file_over(address: int, length: int, source: _FileMapping, offset: int) -> bool:
@@ -147,6 +247,21 @@ def same_file_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     (a_map, b_map), offsets = mappings, [m.offset + t.data_ptr() - m.start for m, t in zip(mappings, (a, b))]
     return (a_map.device, a_map.inode) == (b_map.device, b_map.inode) and offsets[0] == offsets[1]
+
+
+def holds_file_bytes(tensor: torch.Tensor, source: torch.Tensor) -> bool:
+    """Whether ``tensor`` provably holds ``source``'s values, ``source`` being a file's bytes: from its first whole
+    page on, ``tensor`` is the same bytes of the same file (`same_file_bytes`), and the rows before, which share a
+    page with other memory (`_fill_tail`), are equal by value."""
+    if tensor.dim() != 2 or tensor.shape != source.shape or tensor.dtype != source.dtype or tensor.numel() == 0:
+        return False
+    if tensor.device.type != "cpu" or source.device.type != "cpu":
+        return False
+    row_bytes = tensor.shape[1] * tensor.element_size()
+    shared_rows = -(-((-tensor.data_ptr()) % mmap.PAGESIZE) // row_bytes)
+    if shared_rows >= tensor.shape[0] or not torch.equal(tensor[:shared_rows], source[:shared_rows]):
+        return False
+    return same_file_bytes(tensor[shared_rows:], source[shared_rows:])
 
 
 def _file_mapping_of(tensor: torch.Tensor) -> Optional[_FileMapping]:

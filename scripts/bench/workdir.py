@@ -109,7 +109,14 @@ def prepare_workdir(paths: Paths, params: Params) -> dict[str, float]:
         base = build_base(shape, params.seed)
     with timed("save_base_s"):
         base.save_pretrained(paths.base)
-    base.name_or_path = str(paths.base)  # what PEFT records as the adapter's base_model_name_or_path
+    # trained as users train: on the base loaded from its checkpoint, whose head maps the file, so that the adapter's
+    # rows file is laid out to be mapped back at load (uti_peft.memory.page_aligned_metadata)
+    del base
+    gc.collect()
+    from transformers import AutoModelForCausalLM
+
+    with timed("load_base_s"):
+        base = AutoModelForCausalLM.from_pretrained(paths.base, dtype=DTYPE)
     config = uti_peft.RowExtensionConfig(token_space=space, base_model_name_or_path=str(paths.base))
     with timed("get_peft_model_s"):  # includes the from-scratch row init (text-row statistics)
         model = get_peft_model(base, config)

@@ -43,4 +43,7 @@ def plan_extract(
     except MergeError as exc:
         raise ExtractError(str(exc)) from None
     plan.base_ref, plan.source_ref = os.fspath(base), os.fspath(source)
+    matrix = base_info.stored[base_info.head or base_info.embed]
+    row_bytes = matrix.nbytes // matrix.entry["shape"][0]
+    plan.new_rows_file_offset = matrix.offset + space.text_vocab_size * row_bytes
     return plan

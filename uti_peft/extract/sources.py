@@ -35,6 +35,9 @@ class ExtractPlan:
     tied: bool
     lora: Optional[tuple[LoraConfig, dict[str, torch.Tensor]]] = None
     text_drift: float = 0.0  # the largest |source - base| over the text rows (0: identical)
+    # where the base's extended matrix (untied: the lm_head, tied: the embedding) would hold the new rows: the file
+    # offset of its row text_vocab_size, which the rows file is laid out to match (memory.page_aligned_metadata)
+    new_rows_file_offset: Optional[int] = None
     notes: list[str] = field(default_factory=list)  # what the user should know (printed by the CLI)
 
 

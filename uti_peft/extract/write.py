@@ -3,14 +3,16 @@ LoRA, and a model card recording where they came from), atomically."""
 
 from __future__ import annotations
 
+import mmap
 import os
 from typing import Any, Optional, Union
 
 from safetensors.torch import save_file
 
 from ..card import package_version, write_model_card
-from ..constants import CONFIG_NAME, OUTPUT_ROWS_KEY, WEIGHTS_NAME
+from ..constants import CONFIG_NAME, INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, WEIGHTS_NAME
 from ..errors import ExtractError
+from ..memory import page_aligned_metadata, sort_metadata_entries
 from ..output import PathLike, atomic_output
 from ..paths import looks_like_path
 from ..row_extension.config import RowExtensionConfig
@@ -59,8 +61,12 @@ def extract_adapter(
     with atomic_output(target, overwrite=overwrite, marker=CONFIG_NAME, protected=(plan.base_dir, plan.source_dir),
                        error=ExtractError) as tmp:
         config.save_pretrained(tmp)
-        save_file({k: v.contiguous() for k, v in plan.rows.items()}, os.path.join(tmp, WEIGHTS_NAME),
-                  metadata={"format": "pt"})
+        rows = {k: v.contiguous() for k, v in plan.rows.items()}
+        anchor = OUTPUT_ROWS_KEY if OUTPUT_ROWS_KEY in rows else INPUT_ROWS_KEY
+        # laid out as a save from a model whose head maps this base would be: loading onto it maps the rows
+        save_file(rows, os.path.join(tmp, WEIGHTS_NAME), metadata=page_aligned_metadata(
+            rows, {"format": "pt"}, anchor, plan.new_rows_file_offset % mmap.PAGESIZE))
+        sort_metadata_entries(os.path.join(tmp, WEIGHTS_NAME))
         if plan.lora:
             write_lora(os.path.join(tmp, LORA_ADAPTER_NAME), *plan.lora)
         write_model_card(tmp, config, provenance=_provenance(plan), carry_over=False)

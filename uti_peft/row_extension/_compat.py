@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from typing import Any, Callable, Optional
 
 import torch
@@ -42,9 +43,12 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 
-from ..constants import AUTOLOAD_ORIGINAL_ATTRIBUTE, PEFT_KEY_PREFIX, PEFT_TYPE_NAME, WEIGHTS_NAME
+from ..constants import (
+    AUTOLOAD_ORIGINAL_ATTRIBUTE, INPUT_ROWS_KEY, OUTPUT_ROWS_KEY, PEFT_KEY_PREFIX, PEFT_TYPE_NAME, WEIGHTS_NAME,
+)
 from ..adapter_location import check_recorded_base
 from ..errors import RowExtensionError
+from ..memory import file_page_offset, page_aligned_metadata, sort_metadata_entries
 from .config import RowExtensionConfig, find_row_extension_adapter
 from .layer import RowExtensionLayer
 from .lora import write_lora
@@ -314,7 +318,9 @@ def save_row_extension_adapter(model: Any, save_directory: str | os.PathLike, st
     save_directory = os.fspath(save_directory)
     os.makedirs(save_directory, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=save_directory, prefix=".uti-peft-save-") as tmp:
-        save_file({k: v.contiguous() for k, v in rows.items()}, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        rows = {k: v.contiguous() for k, v in rows.items()}
+        save_file(rows, os.path.join(tmp, WEIGHTS_NAME), metadata=rows_file_metadata(rows, {"format": "pt"}))
+        sort_metadata_entries(os.path.join(tmp, WEIGHTS_NAME))
         config.save_pretrained(tmp)
         if config.lora_adapter:
             lora = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=config.lora_adapter)
@@ -325,6 +331,48 @@ def save_row_extension_adapter(model: Any, save_directory: str | os.PathLike, st
             if os.path.isdir(target) and not os.path.islink(target):
                 shutil.rmtree(target)
             os.replace(os.path.join(tmp, entry), target)
+
+
+def rows_file_metadata(rows: dict[str, torch.Tensor], metadata: Optional[dict[str, str]]) -> dict[str, str]:
+    """The metadata to save an adapter's row blocks with: ``metadata``, padded so that the head's rows (on a tied
+    base the embedding's, which the head shares) sit in the file at the offset within a page they have in memory,
+    which is the base checkpoint's where the head maps it: loading onto that base then maps them from the file
+    instead of writing them (`uti_peft.memory.page_aligned_metadata`)."""
+    anchor = OUTPUT_ROWS_KEY if OUTPUT_ROWS_KEY in rows else INPUT_ROWS_KEY
+    return page_aligned_metadata(rows, metadata or {}, anchor, file_page_offset(rows[anchor]) if anchor in rows else None)
+
+
+def _page_aligned_rows(original):
+    """PEFT's ``save_pretrained`` writes with safetensors' ``save_file``. A row-extension adapter's row blocks (no
+    other adapter has these tensor names) get `rows_file_metadata` and are written to a temporary file that then
+    replaces the target: a model that loaded the old file keeps mapping its bytes (the file's inode), where
+    rewriting it in place would change that model's rows under it; its metadata entries are sorted
+    (`uti_peft.memory.sort_metadata_entries`). Every other file is written as without us."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def save_file(*args, **kwargs):
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            return original(*args, **kwargs)
+        tensors = bound.arguments.get("tensors")
+        if not (isinstance(tensors, dict) and tensors and set(tensors) <= {INPUT_ROWS_KEY, OUTPUT_ROWS_KEY}):
+            return original(*bound.args, **bound.kwargs)
+        bound.arguments["metadata"] = rows_file_metadata(tensors, bound.arguments.get("metadata"))
+        target = os.fspath(bound.arguments["filename"])
+        # created by safetensors itself, so with the permissions any file it writes gets
+        bound.arguments["filename"] = os.path.join(os.path.dirname(target), f".uti-peft-{uuid.uuid4().hex}.safetensors")
+        try:
+            original(*bound.args, **bound.kwargs)
+            sort_metadata_entries(bound.arguments["filename"])
+            os.replace(bound.arguments["filename"], target)
+        finally:
+            if os.path.exists(bound.arguments["filename"]):
+                os.remove(bound.arguments["filename"])
+
+    setattr(save_file, _MARK, original)
+    return save_file
 
 
 def _save_pretrained(original):
@@ -592,6 +640,7 @@ def install() -> None:
 
     warn_once_if_untested()
     _rebind("peft", "get_peft_model_state_dict", _rows_only_by_default)
+    _rebind("peft", "safe_save_file", _page_aligned_rows)
     _rebind("peft", "load_peft_weights", _offline_subfolder_fix)
     _rebind("uti_peft", "load_peft_weights", _offline_subfolder_fix)
     if peft_model is not None:

@@ -26,7 +26,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ..errors import RowExtensionError
-from ..memory import copy_releasing_source, extended_matrix, same_file_bytes
+from ..memory import copy_releasing_source, extended_matrix, holds_file_bytes
 from .kernels import ExtendedLinear, RowsInTail, folded, swap_rows
 from .zero3 import (
     full_shape,
@@ -178,9 +178,9 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
         self.row_extension_replaced[adapter_name] = old[text_vocab_size:].clone()
         if old.shape[0] == text_vocab_size + rows.shape[0]:
             extended = old
+            copy_releasing_source(extended[text_vocab_size:], rows)
         else:
-            extended = extended_matrix(old, text_vocab_size, text_vocab_size + rows.shape[0])
-        copy_releasing_source(extended[text_vocab_size:], rows)
+            extended = extended_matrix(old, text_vocab_size, text_vocab_size + rows.shape[0], tail=rows)
         weight.data = extended
         self._in_place.add(adapter_name)
         sync_size_attributes(self.base_layer)
@@ -546,15 +546,14 @@ class RowExtensionLinear(RowExtensionLayer):
 
 
 def _skip_reloading_file_rows(layer: RowExtensionLayer, state_dict: dict, prefix: str, *args) -> None:
-    """Loading rows that are the very file bytes a rows parameter already maps (PEFT's ``from_pretrained`` reads the
-    adapter file once to build the layers and once more to load them) is a no-op: the entry is replaced by the
-    parameter itself, whose copy onto itself PyTorch skips. Any other incoming rows are loaded as usual."""
+    """Loading rows that a rows parameter provably already holds, being the very file bytes it maps (PEFT's
+    ``from_pretrained`` reads the adapter file once to build the layers and once more to load them), is a no-op: the
+    entry is replaced by the parameter itself, whose copy onto itself PyTorch skips. Any other incoming rows are
+    loaded as usual."""
     for name, rows in layer.trained_rows.items():
-        if name in layer._in_place:  # the head's tail: private memory written at injection, never a file's bytes
-            continue
         key = f"{prefix}{layer.adapter_layer_names[0]}.{name}"
         incoming = state_dict.get(key)
-        if torch.is_tensor(incoming) and incoming is not rows and same_file_bytes(incoming, rows):
+        if torch.is_tensor(incoming) and incoming is not rows and holds_file_bytes(rows, incoming):
             state_dict[key] = rows
 
 
