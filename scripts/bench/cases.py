@@ -54,7 +54,7 @@ def load_ours(paths: Paths, params: Params, layers: Optional[int] = None, phases
     base = load_base(paths.base_of(params, layers or params.shape.layers))
     phases["base_s"] = time.perf_counter() - start
     with time_load_phases(phases):
-        model = PeftModel.from_pretrained(base, paths.adapter)
+        model = PeftModel.from_pretrained(base, paths.adapter_of(params, layers or params.shape.layers))
     phases["from_pretrained_s"] = time.perf_counter() - start - phases["base_s"]
     return model
 
@@ -192,7 +192,8 @@ def case_cache(layers: int, paths: Paths, params: Params) -> dict[str, Any]:
     """Read the checkpoints one depth's load cases read (its base and merged checkpoint, the adapter) once, so that
     they are in the page cache, as after a download or an earlier run: the work dir of a sweep is larger than many
     machines' memory, and a file that was evicted would be timed as a disk read."""
-    return read_into_page_cache(paths.base_of(params, layers), paths.merged_of(params, layers), paths.adapter)
+    return read_into_page_cache(paths.base_of(params, layers), paths.merged_of(params, layers),
+                                paths.adapter_of(params, layers))
 
 
 def case_cache_tied(paths: Paths, params: Params) -> dict[str, Any]:
@@ -444,14 +445,14 @@ def case_merge(kind: str, layers: int, paths: Paths, params: Params) -> dict[str
     import_model_stack()
     from uti_peft import merge_adapter  # its modules imported before the clock
 
-    base = paths.base_of(params, layers)
+    base, adapter = paths.base_of(params, layers), paths.adapter_of(params, layers)
     job = ScratchJob(paths.scratch(f"merge-{kind}-{layers}L-{os.getpid()}"))
     if kind == "ours":
-        merge_adapter(base, paths.adapter, job.out, progress=False)
+        merge_adapter(base, adapter, job.out, progress=False)
     else:
         from peft import PeftModel
 
-        PeftModel.from_pretrained(load_base(base), paths.adapter).merge_and_unload().save_pretrained(job.out)
+        PeftModel.from_pretrained(load_base(base), adapter).merge_and_unload().save_pretrained(job.out)
     result = {**job.stop(), "written_bytes": dir_bytes(job.out), "tensors_sha256": merged_tensors_sha256(job.out)}
     job.remove()
     return result
@@ -488,14 +489,15 @@ def case_extract(layers: int, paths: Paths, params: Params) -> dict[str, Any]:
     from uti_peft import merge_adapter
 
     base, source = paths.base_of(params, layers), paths.merged_of(params, layers)
+    adapter = paths.adapter_of(params, layers)
     if not (source / "config.json").is_file():  # a merge-only depth: its merged checkpoint, made once, untimed
-        merge_adapter(base, paths.adapter, source, progress=False)
+        merge_adapter(base, adapter, source, progress=False)
     job = ScratchJob(paths.scratch(f"extract-{layers}L-{os.getpid()}"))
     # the bench's merged checkpoints carry no token space nor tokenizer: the adapter's token space says the rows
-    extract_adapter(base, source, job.out, token_space=paths.adapter / "token_space.json", progress=False)
+    extract_adapter(base, source, job.out, token_space=adapter / "token_space.json", progress=False)
     result = job.stop()
     rows_file = "adapter_model.safetensors"
-    identical = (job.out / rows_file).read_bytes() == (paths.adapter / rows_file).read_bytes()
+    identical = (job.out / rows_file).read_bytes() == (adapter / rows_file).read_bytes()
     result.update({"read_bytes": dir_bytes(source) + dir_bytes(base), "written_bytes": dir_bytes(job.out),
                    "rows_identical": identical})
     job.remove()

@@ -147,6 +147,12 @@ class Paths:
         """The base with ``layers`` decoder layers (the main base when the layer counts agree)."""
         return self.base if layers == params.shape.layers else self.root / f"base-{layers}L"
 
+    def adapter_of(self, params: "Params", layers: int) -> Path:
+        """The adapter as saved from the ``layers``-layer base (the main adapter when the layer counts agree): the
+        same rows, its file laid out for that base's checkpoint, as a user's adapter is for the base it was trained
+        on (uti_peft.memory.page_aligned_metadata)."""
+        return self.adapter if layers == params.shape.layers else self.root / f"adapter-{layers}L"
+
     def merged_of(self, params: "Params", layers: int) -> Path:
         """The merged checkpoint of the ``layers``-layer base (the main one when the layer counts agree)."""
         return self.merged if layers == params.shape.layers else self.root / f"merged-{layers}L"

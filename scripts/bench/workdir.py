@@ -1,7 +1,7 @@
 """The checkpoints every case reads, built once in the work dir by the parent before any case runs: a Qwen3 base of
 the benchmark's shape (no download, no slow init), the adapter, the merged and the legacy checkpoints, and a base
-(and for the load sweep a merged checkpoint) per other decoder-layer count. A ``--workdir`` prepared earlier for
-the same shape and seed is reused."""
+(with the adapter as saved from it, and for the load sweep a merged checkpoint) per other decoder-layer count. A
+``--workdir`` prepared earlier for the same shape and seed is reused."""
 
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ def prepare_workdir(paths: Paths, params: Params) -> dict[str, float]:
     import uti_peft
     from uti_peft.tiny import build_token_space
 
-    other_depths = [*paths.root.glob("base-*L"), *paths.root.glob("merged-*L")]  # built for another shape or seed
+    # built for another shape or seed
+    other_depths = [path for kind in ("base", "adapter", "merged") for path in paths.root.glob(f"{kind}-*L")]
     peers = [paths.peer(kind) for kind in PEERS]  # made on the old base
     for p in (paths.base, paths.adapter, paths.merged, paths.legacy, paths.root / "scratch", *other_depths, *peers):
         shutil.rmtree(p, ignore_errors=True)
@@ -136,27 +137,37 @@ def prepare_workdir(paths: Paths, params: Params) -> dict[str, float]:
 
 def prepare_depths(paths: Paths, params: Params) -> dict[str, float]:
     """Save a base of each decoder-layer count of the load sweep (``depths``) and of the merge case
-    (``merge_layers``) that the main base is not, and a merged checkpoint of each sweep depth (``uti-peft merge``,
-    bit-identical to PEFT's ``merge_and_unload``: the merge case checks it); those already there are kept."""
+    (``merge_layers``) that the main base is not, the adapter as saved from it (`Paths.adapter_of`), and a merged
+    checkpoint of each sweep depth (``uti-peft merge``, bit-identical to PEFT's ``merge_and_unload``: the merge case
+    checks it); those already there are kept."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     import uti_peft
 
     timings = {}
     for layers in sorted(set(params.depths) | set(params.merge_layers)):
-        path = paths.base_of(params, layers)
-        if (path / "config.json").is_file():
-            continue
-        start = time.perf_counter()
-        base = build_base(replace(params.shape, layers=layers), params.seed)
-        base.save_pretrained(path)
-        del base
-        gc.collect()
-        timings[f"build_save_base_{layers}L_s"] = time.perf_counter() - start
+        path, adapter = paths.base_of(params, layers), paths.adapter_of(params, layers)
+        if not (path / "config.json").is_file():
+            start = time.perf_counter()
+            base = build_base(replace(params.shape, layers=layers), params.seed)
+            base.save_pretrained(path)
+            del base
+            gc.collect()
+            timings[f"build_save_base_{layers}L_s"] = time.perf_counter() - start
+        if not (adapter / "adapter_config.json").is_file():
+            start = time.perf_counter()
+            base = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE)
+            PeftModel.from_pretrained(base, paths.adapter).save_pretrained(adapter)
+            del base
+            gc.collect()
+            timings[f"save_adapter_{layers}L_s"] = time.perf_counter() - start
     for layers in params.depths:
         path = paths.merged_of(params, layers)
         if (path / "config.json").is_file():
             continue
         start = time.perf_counter()
-        uti_peft.merge_adapter(paths.base_of(params, layers), paths.adapter, path, progress=False)
+        uti_peft.merge_adapter(paths.base_of(params, layers), paths.adapter_of(params, layers), path, progress=False)
         timings[f"merge_{layers}L_s"] = time.perf_counter() - start
     return timings
 
