@@ -64,6 +64,12 @@ def test_loaded_files_are_mapped_not_copied_and_logits_are_exact(saved, token_sp
     assert _file_mapping_of(head[: text // 2]).path == str(base_dir / "model.safetensors")
     if not tied:  # kept apart from the base weight: still the adapter file's bytes (PEFT's second read was skipped)
         assert _file_mapping_of(embedding_rows(model)).path == str(adapter_dir / WEIGHTS_NAME)
+    layer = model.get_output_embeddings()
+    replaced = (layer.tied_to or layer).row_extension_replaced["default"]  # the base's padding rows, for unload
+    assert _file_mapping_of(replaced).path == str(base_dir / "model.safetensors")
+    on_disk = load_file(base_dir / "model.safetensors")
+    base_head = on_disk["model.embed_tokens.weight" if tied else "lm_head.weight"]
+    assert torch.equal(load(base_dir, adapter_dir, dtype).unload().get_output_embeddings().weight, base_head)
 
     ids = probe_ids(token_space)
     legacy = legacy_model_for(adapter_dir, token_space, tied=tied, dtype=dtype)

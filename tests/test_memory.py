@@ -17,8 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from uti_peft.memory import (
-    _file_mapping_of, copy_releasing_source, extended_matrix, file_page_offset, holds_file_bytes, map_file_rows,
-    page_aligned_metadata, same_file_bytes, sort_metadata_entries,
+    _file_mapping_of, copy_releasing_source, extended_matrix, file_bytes_or_copy, file_page_offset, holds_file_bytes,
+    map_file_rows, page_aligned_metadata, same_file_bytes, sort_metadata_entries,
 )
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="/proc/self/smaps and madvise are Linux's")
@@ -36,11 +36,18 @@ def mapped_matrix(path, rows: int = 4096, cols: int = 1024, header: int = 0) -> 
     return values, torch.tensor([], dtype=torch.float32).set_(storage, header // 4, values.shape)
 
 
-@pytest.fixture(params=["scan", "pagemap"])
-def page_check(request, monkeypatch):
-    """Which way "never written" is asked: the kernel's PAGEMAP_SCAN walk (Linux >= 6.7) or /proc/self/pagemap read
-    entry by entry (older kernels). Both must tell the same pages apart."""
-    if request.param == "pagemap":
+@pytest.fixture(params=["linux-6.11", "linux-6.7", "older"])
+def kernel(request, monkeypatch):
+    """Which of the kernel's ways the checks take: the ``PROCMAP_QUERY`` ioctl to find a mapping (Linux >= 6.11) and
+    the ``PAGEMAP_SCAN`` walk to tell written pages (>= 6.7), only the walk, or neither (the text of /proc/self/maps
+    and /proc/self/pagemap read entry by entry). All must tell the same pages apart."""
+    if request.param == "linux-6.11":
+        with open("/proc/self/maps", "rb", buffering=0) as f:
+            if memory._query_mapping(f.fileno(), 0) is memory._NO_QUERY:
+                pytest.skip("this kernel has no PROCMAP_QUERY ioctl")
+    else:
+        monkeypatch.setattr(memory, "_query_mapping", lambda maps, address: memory._NO_QUERY)
+    if request.param == "older":
         monkeypatch.setattr(memory, "_scan_for_own_pages", lambda span, pagemap: None)
     else:
         with open("/proc/self/pagemap", "rb") as f:
@@ -129,7 +136,7 @@ def test_extension_maps_the_kept_rows_from_the_file_without_copying_them(tmp_pat
     assert start not in mapped_ranges()  # the whole range went with the tensor
 
 
-def test_extension_copies_what_is_not_a_clean_file_mapping(tmp_path, page_check):
+def test_extension_copies_what_is_not_a_clean_file_mapping(tmp_path, kernel):
     values, mapped = mapped_matrix(tmp_path / "weights.bin", rows=600, cols=128)
     mapped[10, 3] = 42.0  # written: the mapping no longer reads the file there
     assert map_file_rows(mapped, 500, 700) is None
@@ -143,7 +150,21 @@ def test_extension_copies_what_is_not_a_clean_file_mapping(tmp_path, page_check)
     assert map_file_rows(mapped[:, :64], 500, 700) is None  # not contiguous
 
 
-def test_same_file_bytes_needs_the_same_unwritten_bytes_of_one_file(tmp_path, page_check):
+def test_a_kept_copy_of_file_bytes_maps_them_again(tmp_path, kernel):
+    values, mapped = mapped_matrix(tmp_path / "weights.bin", rows=600, cols=128, header=8)
+    kept = file_bytes_or_copy(mapped[500:])
+    assert same_file_bytes(kept, mapped[500:])  # nothing read or copied: the same bytes of the file
+    assert kept.untyped_storage().data_ptr() != mapped.untyped_storage().data_ptr()
+    mapped[500:] = 0.0  # the source's storage is not the copy's
+    assert torch.equal(kept, values[500:])
+
+    written = file_bytes_or_copy(mapped[400:])  # holds written pages: copied, values as they are now
+    assert _file_mapping_of(written) is None and torch.equal(written, mapped[400:])
+    anonymous = file_bytes_or_copy(values[:10])
+    assert torch.equal(anonymous, values[:10]) and anonymous.data_ptr() != values.data_ptr()
+
+
+def test_same_file_bytes_needs_the_same_unwritten_bytes_of_one_file(tmp_path, kernel):
     values, first = mapped_matrix(tmp_path / "weights.bin", rows=600, cols=128)
     _, second = mapped_matrix(tmp_path / "weights.bin", rows=600, cols=128)  # a second mapping of the same file
     _, other_file = mapped_matrix(tmp_path / "copy.bin", rows=600, cols=128)
@@ -159,13 +180,38 @@ def test_same_file_bytes_needs_the_same_unwritten_bytes_of_one_file(tmp_path, pa
     assert same_file_bytes(first[:500], second[:500])  # the written page is not among these rows
 
 
+def test_only_private_mappings_of_files_on_disk_count_as_file_bytes(tmp_path, kernel):
+    values, private = mapped_matrix(tmp_path / "weights.bin", rows=300, cols=128)
+    assert _file_mapping_of(private).path == str(tmp_path / "weights.bin")
+    shared = torch.tensor([], dtype=torch.float32).set_(
+        torch.UntypedStorage.from_file(str(tmp_path / "weights.bin"), shared=True, nbytes=values.numel() * 4))
+    assert shared.numel() == values.numel() and _file_mapping_of(shared) is None  # writes would reach the file
+    assert _file_mapping_of(values) is None  # anonymous memory
+    (tmp_path / "weights.bin").unlink()  # a deleted file cannot be mapped again
+    assert torch.equal(private, values) and _file_mapping_of(private) is None
+
+
+def test_the_kernels_query_finds_what_the_text_of_proc_maps_says(tmp_path):
+    _, private = mapped_matrix(tmp_path / "weights.bin", rows=300, cols=128)
+    with open("/proc/self/maps", "rb", buffering=0) as maps:
+        if memory._query_mapping(maps.fileno(), 0) is memory._NO_QUERY:
+            pytest.skip("this kernel has no PROCMAP_QUERY ioctl")
+        lines = list(memory._MAPS_LINE.finditer(open("/proc/self/maps").read()))
+        addresses = [private.data_ptr() + 4096, 0]
+        addresses += [int(line[key], 16) - (key == "end") for line in lines for key in ("start", "end")]
+        found = {address: memory._query_mapping(maps.fileno(), address) for address in addresses}
+    assert found == {address: memory._mapping_in_lines(lines, address) for address in addresses}
+    assert found[private.data_ptr() + 4096].path == str(tmp_path / "weights.bin")
+    assert sum(mapping is not None for mapping in found.values()) > 10  # shared libraries too
+
+
 def rows_on_shared_page(tensor: torch.Tensor) -> int:
     """How many of ``tensor``'s first rows share a page with the memory before it."""
     return -(-((-tensor.data_ptr()) % mmap.PAGESIZE) // (tensor.shape[1] * tensor.element_size()))
 
 
 @pytest.mark.parametrize("shift", [0, 8], ids=["same-offset-in-page", "another-offset"])
-def test_extension_maps_a_tail_file_at_its_offset_within_a_page(tmp_path, shift, page_check):
+def test_extension_maps_a_tail_file_at_its_offset_within_a_page(tmp_path, shift, kernel):
     cols, keep, new = 256, 900, 400  # float32 rows of 1,024 bytes: the text rows end 3 KiB into a page
     text_values, text = mapped_matrix(tmp_path / "base.bin", rows=1000, cols=cols, header=1000)
     # the new rows at the offset within a page where the text rows end in memory (and in the base file)

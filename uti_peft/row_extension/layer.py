@@ -26,7 +26,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ..errors import RowExtensionError
-from ..memory import copy_releasing_source, extended_matrix, holds_file_bytes
+from ..memory import copy_releasing_source, extended_matrix, file_bytes_or_copy, holds_file_bytes
 from .kernels import ExtendedLinear, RowsInTail, folded, swap_rows
 from .zero3 import (
     full_shape,
@@ -175,7 +175,7 @@ class RowExtensionLayer(nn.Module, BaseTunerLayer):
         text_vocab_size = self.text_vocab_size[adapter_name]
         weight = self.base_layer.weight
         old = weight.data
-        self.row_extension_replaced[adapter_name] = old[text_vocab_size:].clone()
+        self.row_extension_replaced[adapter_name] = file_bytes_or_copy(old[text_vocab_size:])
         if old.shape[0] == text_vocab_size + rows.shape[0]:
             extended = old
             copy_releasing_source(extended[text_vocab_size:], rows)
