@@ -109,6 +109,23 @@ def test_tied_model_saves_one_set_of_rows(make_adapter):
     assert set(rows) == {INPUT_ROWS_KEY}
 
 
+def test_a_tied_head_registered_before_the_embedding_loads_exactly(make_adapter, token_space):
+    """PEFT injects in the order of ``named_modules``; a tied head must still wait for the embedding's layer."""
+
+    def head_first(model):
+        model._modules = {"lm_head": model._modules.pop("lm_head"), **model._modules}
+        return model
+
+    adapter = make_adapter(tied=True)
+    base = head_first(build_tiny_qwen3(tied=True))
+    assert [name for name, _ in base.named_children()] == ["lm_head", "model"]
+    loaded = PeftModel.from_pretrained(base, adapter).eval()
+    legacy = legacy_model_for(adapter, token_space, tied=True).eval()
+    ids = probe_ids(token_space)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, legacy(input_ids=ids).logits)
+
+
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_only_new_rows_train(token_space, tied):
     base = build_tiny_qwen3(tied=tied)

@@ -76,10 +76,9 @@ class RowExtensionModel(BaseTuner):
 
     def _check_tied_module_exists(self, peft_config: RowExtensionConfig, key: str) -> bool:
         """A tied lm_head is created after the other targets (PEFT's order for tied modules): it needs the input
-        embedding's layer to exist first."""
-        shared = _base_weight(self.model.get_input_embeddings())
-        target = self.model.get_submodule(key)
-        return target is self.model.get_output_embeddings() and _base_weight(target) is shared
+        embedding's layer to exist first. PEFT asks this of every module of the model, so the answer is the plan's."""
+        plan: _Plan = self._plan
+        return plan.tied and self.model.get_submodule(key) is plan.output_module
 
     # ------------------------------------------------------------------ injection
     def inject_adapter(
