@@ -155,6 +155,28 @@ def test_resume_from_a_deepspeed_checkpoint_continues_exactly(tmp_path, referenc
     assert json.loads((tmp_path / "resumed" / "trainer_state.json").read_text())["global_step"] == 2
 
 
+def test_the_train_command_ends_its_process_group(tmp_path, reference):
+    """``uti-peft train`` destroys the process group it trained in before returning: a process that exits with a gloo
+    group alive can abort during interpreter finalisation ("terminate called without an active exception", seen on
+    one of two DeepSpeed ranks). One process with a launcher's environment, the CLI called in a fresh interpreter."""
+    script = (
+        "import sys, torch.distributed as dist\n"
+        "from uti_peft.cli import main\n"
+        "rc = main(['train', *sys.argv[1:]])\n"
+        "print('process group after train:', dist.is_initialized())\n"
+        "sys.exit(rc)\n"
+    )
+    launcher = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env = {**os.environ, **launcher, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO}
+    args = [*reference[0], "--max-steps", "1", "--deepspeed", CONFIGS["zero2"], "--output-dir", tmp_path / "out",
+            "--batch-size", "1", "--save-steps", "0"]
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "process group after train: False" in proc.stdout, proc.stdout[-2000:]
+
+
 @contextmanager
 def zero3_config():
     """A ZeRO-3 config in effect in this process (what ``TrainingArguments(deepspeed=...)`` sets up), nothing

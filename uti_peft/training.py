@@ -359,6 +359,7 @@ def train(args: argparse.Namespace) -> RowExtensionTrainer:
     The launch set-up and ``--output-dir`` are checked first (`uti_peft.distributed.check_launch_environment`,
     `uti_peft.output_dir.check_output_dir`), before the model is loaded; the run's marker is written once the
     model, the data and the Trainer are ready, and a start that fails before removes a directory it created.
+    The process group stays up for the caller; ``uti-peft train`` ends it with ``trainer.accelerator.end_training()``.
     """
     check_launch_environment(args.deepspeed)
     plan = check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, args.init_adapter)

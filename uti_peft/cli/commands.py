@@ -394,7 +394,10 @@ def run_train(args: argparse.Namespace) -> int:
     check_train(args)  # paths, sources, token space and data ids before any model loads
     from ..training import train
 
-    train(args)
+    trainer = train(args)
+    # communication is over: the process group goes while the interpreter is alive; a process that exits with it
+    # can abort in gloo's worker threads during finalisation ("terminate called without an active exception")
+    trainer.accelerator.end_training()
     return 0
 
 
